@@ -1,0 +1,178 @@
+"""The global-batch objective equals pytorch-metric-learning on one process, on 1, 2 and 3 real processes.
+
+Multi-process cases use torch.distributed with gloo: each rank embeds its slice of one global batch, computes
+its share, and the averaged parameter gradients (what DeepSpeed's data parallelism does) must equal the
+gradients of one process running plain PML (default reducer) on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+
+from trainer.config import LossConfig, MiningConfig
+from trainer.objectives.gather import Collective, ProcessGroupCollective
+from trainer.objectives.losses import build_loss, build_miner
+from trainer.objectives.objective import MetricObjective
+
+LOSSES = {
+    "contrastive": LossConfig(name="contrastive", distance="euclidean", pos_margin=0.1, neg_margin=1.2),
+    "contrastive_cos": LossConfig(name="contrastive", distance="cosine", pos_margin=0.9, neg_margin=0.3),
+    "triplet": LossConfig(name="triplet", distance="euclidean", margin=0.3),
+    "triplet_l1": LossConfig(name="triplet", distance="l1", margin=0.5),
+    "multi_similarity": LossConfig(name="multi_similarity"),
+    "supcon": LossConfig(name="supcon", temperature=0.2),
+    "infonce": LossConfig(name="infonce", temperature=0.2),
+}
+MINERS = ["none", "batch_hard", "semi_hard", "multi_similarity"]
+GLOBAL_BATCH, DIM = 24, 8
+
+
+def make_problem(seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny linear embedder and one global batch of inputs with 4 classes."""
+    gen = torch.Generator().manual_seed(seed)
+    model = torch.nn.Linear(DIM, 6)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(6, DIM, generator=gen))
+        model.bias.copy_(torch.randn(6, generator=gen) * 0.1)
+    inputs = torch.randn(GLOBAL_BATCH, DIM, generator=gen)
+    labels = torch.randint(0, 4, (GLOBAL_BATCH,), generator=gen)
+    return model, inputs, labels
+
+
+def embed(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(model(inputs), dim=1)
+
+
+def explicit_pairs(rows: int) -> tuple[torch.Tensor, ...]:
+    """Pairs over a local batch laid out as [a_0..a_k, b_0..b_k]: (a_i, b_i), even i similar, odd i not."""
+    half = rows // 2
+    first = torch.arange(half)
+    similar = first % 2 == 0
+    return first[similar], first[similar] + half, first[~similar], first[~similar] + half
+
+
+def reference(loss_cfg: LossConfig, miner_name: str, model, inputs, labels, explicit=None):
+    """Plain PML on one process: default reducer, explicit tuples plus mined tuples."""
+    embeddings = embed(model, inputs)
+    loss_fn = build_loss(loss_cfg)
+    loss_fn.set_reducer(None)  # PML's default reducer
+    miner = build_miner(MiningConfig(name=miner_name), loss_cfg.distance)
+    parts = [] if explicit is None else [explicit]
+    if miner is not None:
+        parts.append(miner(embeddings, labels))
+    tuples = None
+    if parts:
+        convert = lmu.convert_to_triplets if loss_cfg.name == "triplet" else lmu.convert_to_pairs
+        tuples = tuple(torch.cat(c) for c in zip(*[convert(p, labels) for p in parts]))
+    loss = loss_fn(embeddings, labels, tuples)
+    model.zero_grad()
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("loss_name,miner_name", list(itertools.product(LOSSES, MINERS)))
+def test_single_process_matches_pml(loss_name: str, miner_name: str) -> None:
+    model, inputs, labels = make_problem()
+    expected_loss, expected_grads = reference(LOSSES[loss_name], miner_name, model, inputs, labels)
+    objective = MetricObjective(LOSSES[loss_name], MiningConfig(name=miner_name), Collective())
+    model.zero_grad()
+    out = objective(embed(model, inputs), labels)
+    out.local_share.backward()
+    assert expected_loss.item() > 0
+    torch.testing.assert_close(out.loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip((p.grad for p in model.parameters()), expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, bool]], failures) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    collective = ProcessGroupCollective()
+    try:
+        for loss_name, miner_name, pairs in cases:
+            model, inputs, labels = make_problem(seed=len(loss_name) + len(miner_name))
+            local = GLOBAL_BATCH // world
+            if pairs:  # each rank's local batch is [a..., b...] of its own pairs
+                explicit_global = _global_pairs(world, local)
+            expected_loss, expected_grads = reference(
+                LOSSES[loss_name], miner_name, model, inputs, labels, explicit_global if pairs else None)
+            rows = slice(rank * local, (rank + 1) * local)
+            objective = MetricObjective(LOSSES[loss_name], MiningConfig(name=miner_name), collective)
+            model.zero_grad()
+            out = objective(embed(model, inputs[rows]), labels[rows], explicit_pairs(local) if pairs else None)
+            (out.local_share * world).backward()
+            for param in model.parameters():  # what data-parallel training does: average gradients
+                dist.all_reduce(param.grad)
+                param.grad /= world
+            torch.testing.assert_close(out.loss, expected_loss, rtol=1e-5, atol=1e-6)
+            for got, want in zip((p.grad for p in model.parameters()), expected_grads):
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    except AssertionError as error:
+        failures.put(f"rank {rank} {loss_name}/{miner_name}/pairs={pairs}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _global_pairs(world: int, local: int) -> tuple[torch.Tensor, ...]:
+    """The explicit pairs of every rank, in global row numbers (what one process sees)."""
+    parts = [tuple(t + r * local for t in explicit_pairs(local)) for r in range(world)]
+    return tuple(torch.cat(c) for c in zip(*parts))
+
+
+def _run(world: int, cases: list[tuple[str, str, bool]]) -> None:
+    failures = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_worker, args=(world, _free_port(), cases, failures), nprocs=world,
+                       start_method="spawn", join=True)
+    reported = []
+    while not failures.empty():
+        reported.append(failures.get())
+    assert not reported, "\n".join(reported)
+
+
+def test_two_processes_match_one_for_every_loss_and_miner() -> None:
+    cases = [(loss, miner, False) for loss, miner in itertools.product(LOSSES, MINERS)]
+    cases += [(loss, miner, True) for loss in ("contrastive", "triplet", "infonce")
+              for miner in ("none", "batch_hard", "multi_similarity")]
+    _run(2, cases)
+
+
+def test_three_processes_match_one() -> None:
+    _run(3, [("triplet", "semi_hard", False), ("multi_similarity", "multi_similarity", False),
+             ("supcon", "none", False), ("contrastive", "none", True)])
+
+
+def test_mining_sees_other_workers_positives() -> None:
+    """Each anchor's only positive lives on the other rank: mining on local rows alone would find none."""
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])  # rank 0 holds rows 0-2, rank 1 rows 3-5
+    model, inputs, _ = make_problem()
+
+    class FakeRankOne(Collective):
+        """Rank 0 of 2 whose partner holds rows 3-5 (gather returns the global batch)."""
+
+        world_size = 2
+
+        def gather_with_grad(self, tensor):
+            return torch.cat([tensor, embed(model, inputs[3:6])])
+
+        def gather(self, tensor):
+            return torch.cat([tensor, labels[3:6]])
+
+    objective = MetricObjective(LOSSES["triplet"], MiningConfig(name="batch_hard"), FakeRankOne())
+    out = objective(embed(model, inputs[:3]), labels[:3])
+    assert out.stats["anchors_with_positive"] == 1.0
+    assert out.stats["tuples"] == 3

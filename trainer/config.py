@@ -1,0 +1,319 @@
+"""Typed run configuration: one section per concern, validated when it is built.
+
+A recipe is a YAML file holding only what differs from the defaults below; `load(path, overrides)` merges
+dotted overrides (`loss.margin=0.3`) into it and validates the result. An unknown key, a wrong type or an
+impossible combination raises `ConfigError` naming the key and the file, before anything starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trainer.errors import ConfigError
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys and wrong types are errors; every field has a docstring."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, frozen=True)
+
+
+class DataConfig(Section):
+    """Where the shards are and how they are streamed."""
+
+    train: str = "data/digits/train"
+    """Directory of training shards (holding index.json), relative to the working directory."""
+    test: str | None = "data/digits/test"
+    """Directory of held-out shards used for evaluation; null disables evaluation."""
+    source: str | None = None
+    """If set and `train` has no shards yet, write them first from this source (e.g. `digits`)."""
+    test_fraction: float = Field(0.4, gt=0.0, lt=1.0)
+    """Stratified held-out fraction used when shards are written from `source`."""
+    batch_size: int = Field(64, ge=2)
+    """Samples per batch on each worker (the global batch is this times the number of workers)."""
+    shuffle_buffer: int = Field(512, ge=0)
+    """Size of the in-stream sample shuffle buffer (0 disables it)."""
+    loader_workers: int = Field(1, ge=0)
+    """DataLoader processes per worker (0 reads in the training process)."""
+    on_corrupt: Literal["skip", "raise"] = "skip"
+    """What a corrupt or incomplete sample does: skipped and counted, or an error."""
+    text_buckets: int = Field(2**18, ge=16)
+    """Hash buckets of the text encoder's n-gram vocabulary."""
+    text_ngrams: tuple[int, int] = Field((1, 3), strict=False)
+    """Smallest and largest character n-gram length hashed for text fields."""
+
+
+class ModelConfig(Section):
+    """Towers and encoders."""
+
+    architecture: Literal["siamese", "pseudo_siamese"] = "siamese"
+    """`siamese`: one shared tower; `pseudo_siamese`: tower A for anchors/`a`, tower B for the other side."""
+    encoder: Literal["mlp", "cnn", "text"] = "mlp"
+    """Encoder of tower A (and of the shared tower)."""
+    encoder_b: Literal["mlp", "cnn", "text"] | None = None
+    """Encoder of tower B for pseudo-Siamese models; null means the same kind as `encoder`."""
+    hidden_dims: tuple[int, ...] = Field((256, 256), strict=False)
+    """Hidden layer widths of the MLP encoder."""
+    channels: tuple[int, ...] = Field((32, 64), strict=False)
+    """Convolution channels of the CNN encoder, one stage (conv-norm-relu ×2, pool) per entry."""
+    text_dim: int = Field(128, ge=1)
+    """Width of the text encoder's n-gram embedding bag."""
+    embedding_dim: int = Field(64, ge=1)
+    """Size of the L2-normalised output embedding."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout before the projection head."""
+
+
+LOSSES = ("contrastive", "triplet", "multi_similarity", "supcon", "infonce")
+MINERS = ("none", "batch_hard", "semi_hard", "multi_similarity")
+
+
+class LossConfig(Section):
+    """The metric-learning loss (pytorch-metric-learning)."""
+
+    name: Literal["contrastive", "triplet", "multi_similarity", "supcon", "infonce"] = "multi_similarity"
+    """Loss function; `infonce` is PML's NTXentLoss."""
+    distance: Literal["cosine", "euclidean", "l1"] = "cosine"
+    """Distance between embeddings; supcon, infonce and multi_similarity need cosine."""
+    pos_margin: float = 0.0
+    """Contrastive: positives are pulled until their distance is below this."""
+    neg_margin: float = 1.0
+    """Contrastive: negatives are pushed until their distance is above this."""
+    margin: float = 0.1
+    """Triplet: required gap d(a,n) - d(a,p)."""
+    temperature: float = Field(0.1, gt=0.0)
+    """SupCon / InfoNCE temperature."""
+    alpha: float = 2.0
+    """Multi-similarity: weight of positive pairs."""
+    beta: float = 50.0
+    """Multi-similarity: weight of negative pairs."""
+    base: float = 0.5
+    """Multi-similarity: similarity offset."""
+
+
+class MiningConfig(Section):
+    """The in-batch miner, run over the global batch (all workers)."""
+
+    name: Literal["none", "batch_hard", "semi_hard", "multi_similarity"] = "multi_similarity"
+    """Miner; `none` uses all in-batch pairs (labeled data) or only the explicit pairs/triplets of the shards."""
+    margin: float = 0.2
+    """Semi-hard: margin of the triplet condition."""
+    epsilon: float = 0.1
+    """Multi-similarity miner: slack of the hard-pair condition."""
+
+
+class OptimConfig(Section):
+    """Optimizer, schedule and run length."""
+
+    lr: float = Field(2e-3, gt=0.0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(1e-4, ge=0.0)
+    """AdamW weight decay."""
+    epochs: int = Field(20, ge=1)
+    """Passes over the training shards."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many steps (overrides `epochs` when smaller)."""
+    warmup_steps: int = Field(20, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Final learning rate as a fraction of `lr`."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Global gradient-norm clipping (0 disables it)."""
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    """DeepSpeed micro-batches per step; more than 1 shrinks the pool of in-batch negatives."""
+
+
+class DistConfig(Section):
+    """Workers, devices and the DeepSpeed engine."""
+
+    workers: int = Field(2, ge=1)
+    """Training processes (one per GPU, or per CPU slot)."""
+    cpus_per_worker: int = Field(1, ge=1)
+    """CPU cores reserved for, and torch threads used by, each worker."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses a GPU per worker where the cluster has them."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """`auto`: bf16 on GPU, fp32 on CPU."""
+    zero_stage: int = Field(0, ge=0, le=2)
+    """DeepSpeed ZeRO stage (0, 1 or 2)."""
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
+    """Extra DeepSpeed config entries merged over the generated ones."""
+    timeout_s: int = Field(600, ge=10)
+    """Collective timeout, after which a stuck worker fails instead of hanging."""
+
+
+class CheckpointConfig(Section):
+    """When checkpoints are written and how many are kept."""
+
+    every_steps: int = Field(0, ge=0)
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept; older ones are removed."""
+
+
+class LogConfig(Section):
+    """Console progress and Weights & Biases."""
+
+    wandb: bool = True
+    """Log to W&B from rank 0 (offline unless an API key is configured)."""
+    project: str = "twinscale"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user)."""
+    mode: Literal["auto", "online", "offline"] = "auto"
+    """`auto`: online when WANDB_API_KEY is set or wandb is logged in, else offline."""
+    init_timeout_s: float = Field(10.0, gt=0.0)
+    """Seconds to wait for the W&B server before falling back to offline."""
+    every_steps: int = Field(10, ge=1)
+    """Training metrics are logged every N steps."""
+
+
+class EvalConfig(Section):
+    """Held-out evaluation."""
+
+    every_steps: int = Field(0, ge=0)
+    """Evaluate every N steps (0: only at the end)."""
+    recall_k: int = Field(10, ge=1)
+    """K of recall@K."""
+    batch_size: int = Field(512, ge=1)
+    """Samples per forward pass when embedding the held-out split."""
+
+
+class Config(Section):
+    """A whole run."""
+
+    name: str = "digits"
+    """Run name: outputs go to `<output_dir>/<name>/`."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seed of model init, shard order, shuffling and mining."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    mining: MiningConfig = Field(default_factory=MiningConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    dist: DistConfig = Field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "Config":
+        if self.loss.name in ("supcon", "infonce", "multi_similarity") and self.loss.distance != "cosine":
+            raise ValueError(f"loss.distance: {self.loss.name} is defined on cosine similarity, not "
+                             f"{self.loss.distance}; set loss.distance=cosine")
+        if self.optim.gradient_accumulation_steps > 1:
+            raise ValueError("optim.gradient_accumulation_steps: every supported loss uses in-batch negatives, "
+                             "and DeepSpeed's accumulation would shrink each step's pool of negatives to one "
+                             "micro-batch; raise data.batch_size or dist.workers instead")
+        if self.model.encoder_b is not None and self.model.architecture == "siamese":
+            raise ValueError("model.encoder_b: a siamese model has one shared tower; set "
+                             "model.architecture=pseudo_siamese to give tower B its own encoder")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """Directory holding everything this run writes."""
+        return Path(self.output_dir) / self.name
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (["a", "b"], value), the value parsed as YAML (`0.3` → float, `[1,2]` → list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set loss.margin=0.3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each dotted override set (sections are created as needed)."""
+    merged = _deep_copy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = merged
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return merged
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (the default digits recipe when `path` is None), apply overrides, validate."""
+    source = Path(path) if path is not None else DEFAULT_RECIPE
+    raw = read_yaml(source)
+    return from_dict(apply_overrides(raw, list(overrides or [])), origin=str(source))
+
+
+def read_yaml(source: Path) -> dict[str, Any]:
+    """Parse a recipe file into a mapping, with errors that name the file."""
+    if not source.is_file():
+        raise ConfigError(f"{source}: config file not found")
+    try:
+        raw = yaml.safe_load(source.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({error})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of config sections at the top level")
+    return raw
+
+
+def from_dict(raw: dict[str, Any], origin: str = "<config>") -> Config:
+    """Validate a plain mapping into a Config, turning pydantic's report into one line per problem."""
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, origin)) from None
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The resolved config as plain YAML-able data (tuples become lists)."""
+    return config.model_dump(mode="json")
+
+
+def dump(config: Config, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _describe(error: ValidationError, origin: str) -> str:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"])
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"{origin}: {key}: unknown key{_suggest(problem['loc'])}")
+        elif problem["type"] == "value_error":
+            lines.append(f"{origin}: {problem['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"{origin}: {key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _suggest(location: tuple[Any, ...]) -> str:
+    section: type[BaseModel] = Config
+    for part in location[:-1]:
+        field = section.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    close = difflib.get_close_matches(str(location[-1]), list(section.model_fields), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {key: _deep_copy(value) if isinstance(value, dict) else value for key, value in raw.items()}
