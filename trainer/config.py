@@ -34,6 +34,8 @@ class DataConfig(Section):
     """Directory of held-out shards used for evaluation; null disables evaluation."""
     source: str | None = None
     """If set and `train` has no shards yet, write them first from this source (e.g. `digits`)."""
+    source_as_images: bool = False
+    """Write `source` items as PNG images (the digits source can be vectors or 8x8 images)."""
     test_fraction: float = Field(0.4, gt=0.0, lt=1.0)
     """Stratified held-out fraction used when shards are written from `source`."""
     batch_size: int = Field(64, ge=2)
@@ -68,7 +70,7 @@ class ModelConfig(Section):
     embedding_dim: int = Field(64, ge=1)
     """Size of the L2-normalised output embedding."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    """Dropout before the projection head."""
+    """Dropout between encoder layers/stages and before the projection head."""
 
 
 LOSSES = ("contrastive", "triplet", "multi_similarity", "supcon", "infonce")
@@ -189,8 +191,8 @@ class EvalConfig(Section):
 class Config(Section):
     """A whole run."""
 
-    name: str = "digits"
-    """Run name: outputs go to `<output_dir>/<name>/`."""
+    name: str | None = None
+    """Run name: outputs go to `<output_dir>/<name>/`; unset means `<recipe>-<date>-<time>`."""
     output_dir: str = "runs"
     """Parent directory of run directories."""
     seed: int = 0
@@ -222,6 +224,8 @@ class Config(Section):
     @property
     def run_dir(self) -> Path:
         """Directory holding everything this run writes."""
+        if self.name is None:
+            raise ConfigError("name: the run has no name yet; set one with --set name=NAME")
         return Path(self.output_dir) / self.name
 
 

@@ -1,0 +1,79 @@
+"""Config validation: every bad input names the key and the file; overrides are typed; recipes load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer import config
+from trainer.errors import ConfigError
+
+RECIPES = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.name for r in RECIPES])
+def test_every_recipe_validates(recipe: Path) -> None:
+    assert isinstance(config.load(recipe), config.Config)
+
+
+def test_overrides_are_parsed_as_yaml() -> None:
+    cfg = config.load(None, ["loss.margin=0.3", "model.hidden_dims=[8, 4]", "log.wandb=false", "name=x"])
+    assert cfg.loss.margin == 0.3 and cfg.model.hidden_dims == (8, 4) and cfg.log.wandb is False
+    assert cfg.run_dir == Path("runs/x")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("loss.margni=0.3", "loss.margni: unknown key (did you mean margin?)"),
+    ("optim.epochs=many", "optim.epochs: Input should be a valid integer"),
+    ("log.wandb=maybe", "log.wandb: Input should be a valid boolean"),
+    ("data.batch_size=1", "data.batch_size: Input should be greater than or equal to 2"),
+    ("dist.zero_stage=3", "dist.zero_stage: Input should be less than or equal to 2"),
+    ("loss.name=arcface", "loss.name: Input should be"),
+    ("loss.name=supcon", "loss.distance: supcon is defined on cosine similarity"),
+    ("optim.gradient_accumulation_steps=4", "optim.gradient_accumulation_steps: every supported loss uses in-batch"),
+    ("model.encoder_b=text", "model.encoder_b: a siamese model has one shared tower"),
+    ("unknown.key=1", "unknown: unknown key"),
+])
+def test_bad_values_name_the_key_and_file(override: str, expected: str, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("loss:\n  distance: euclidean\n" if "supcon" in override else "seed: 1\n")
+    with pytest.raises(ConfigError) as error:
+        config.load(recipe, [override])
+    assert expected in str(error.value)
+    assert str(recipe) in str(error.value)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("", "expected a mapping"), ("- a\n- b\n", "expected a mapping"), ("a: [", "not valid YAML"),
+])
+def test_bad_files(text: str, expected: str, tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(text)
+    if text == "":
+        assert config.load(recipe).seed == 0  # an empty recipe means all defaults
+        return
+    with pytest.raises(ConfigError, match=expected):
+        config.load(recipe)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        config.load(None, ["loss.margin"])
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = config.load(None, ["name=round", "model.channels=[8, 16]"])
+    config.dump(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml") == cfg
+
+
+def test_every_field_is_documented() -> None:
+    sections = [config.Config] + [f.annotation for f in config.Config.model_fields.values()
+                                  if isinstance(f.annotation, type) and issubclass(f.annotation, config.Section)]
+    for section in sections:
+        for name, field in section.model_fields.items():
+            if not (isinstance(field.annotation, type) and issubclass(field.annotation, config.Section)):
+                assert field.description, f"{section.__name__}.{name} has no docstring"
