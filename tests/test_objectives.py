@@ -71,7 +71,7 @@ def reference(loss_cfg: LossConfig, miner_name: str, model, inputs, labels, expl
     tuples = None
     if parts:
         convert = lmu.convert_to_triplets if loss_cfg.name == "triplet" else lmu.convert_to_pairs
-        tuples = tuple(torch.cat(c) for c in zip(*[convert(p, labels) for p in parts]))
+        tuples = tuple(torch.cat(c) for c in zip(*[convert(p, labels) for p in parts], strict=False))
     loss = loss_fn(embeddings, labels, tuples)
     model.zero_grad()
     loss.backward()
@@ -88,7 +88,7 @@ def test_single_process_matches_pml(loss_name: str, miner_name: str) -> None:
     out.local_share.backward()
     assert expected_loss.item() > 0
     torch.testing.assert_close(out.loss, expected_loss, rtol=1e-5, atol=1e-6)
-    for got, want in zip((p.grad for p in model.parameters()), expected_grads):
+    for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=False):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
@@ -120,7 +120,7 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, bool]]
                 dist.all_reduce(param.grad)
                 param.grad /= world
             torch.testing.assert_close(out.loss, expected_loss, rtol=1e-5, atol=1e-6)
-            for got, want in zip((p.grad for p in model.parameters()), expected_grads):
+            for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=False):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     except AssertionError as error:
         failures.put(f"rank {rank} {loss_name}/{miner_name}/pairs={pairs}: {error}")
@@ -131,7 +131,7 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, bool]]
 def _global_pairs(world: int, local: int) -> tuple[torch.Tensor, ...]:
     """The explicit pairs of every rank, in global row numbers (what one process sees)."""
     parts = [tuple(t + r * local for t in explicit_pairs(local)) for r in range(world)]
-    return tuple(torch.cat(c) for c in zip(*parts))
+    return tuple(torch.cat(c) for c in zip(*parts, strict=False))
 
 
 def _run(world: int, cases: list[tuple[str, str, bool]]) -> None:

@@ -208,7 +208,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _check_combinations(self) -> "Config":
+    def _check_combinations(self) -> Config:
         if self.loss.name in ("supcon", "infonce", "multi_similarity") and self.loss.distance != "cosine":
             raise ValueError(f"loss.distance: {self.loss.name} is defined on cosine similarity, not "
                              f"{self.loss.distance}; set loss.distance=cosine")

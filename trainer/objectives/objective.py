@@ -86,7 +86,7 @@ class MetricObjective:
             parts.append(all_triplets(labels, reference_labels, self_index) if wants_triplets(self.loss_fn)
                          else all_pairs(labels, reference_labels, self_index))
         converted = [self._as_loss_tuple(part, labels, reference_labels) for part in parts]
-        return tuple(torch.cat(column) for column in zip(*converted))
+        return tuple(torch.cat(column) for column in zip(*converted, strict=False))
 
     def _as_loss_tuple(self, part: IndexTuple, labels: torch.Tensor, reference_labels: torch.Tensor) -> IndexTuple:
         if wants_triplets(self.loss_fn):

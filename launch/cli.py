@@ -1,0 +1,174 @@
+"""The `twinscale` command line: train, resume, shards, embed, eval.
+
+Heavy libraries (torch, Ray, DeepSpeed) are imported inside the commands, so `twinscale --help` is instant.
+Bad input of any kind exits with code 2 and one message naming what is wrong, before anything is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import CheckpointError, UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twinscale", description="Distributed metric-learning trainer.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model (default: the digits demo on 2 local workers)")
+    train.add_argument("config", nargs="?", type=Path, help="YAML recipe (default: configs/default.yaml)")
+    _add_run_options(train)
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. --set loss.margin=0.3 (repeatable)")
+    train.add_argument("--workers", type=int, help="number of training workers (dist.workers)")
+    train.add_argument("--resume", action="store_true", help="continue the named run from its newest checkpoint")
+
+    resume = commands.add_parser("resume", help="continue a run from its newest complete checkpoint")
+    resume.add_argument("run_dir", type=Path)
+    _add_run_options(resume)
+
+    shards = commands.add_parser("shards", help="write WebDataset shards from a source")
+    shards.add_argument("source", help="digits | an image folder root/<class>/*.png|jpg | a .csv/.jsonl text file")
+    shards.add_argument("--kind", required=True, choices=("labeled", "pairs", "triplets"))
+    shards.add_argument("--out", required=True, type=Path, help="output directory")
+    shards.add_argument("--test-fraction", type=float, help="stratified held-out fraction → OUT/train, OUT/test")
+    shards.add_argument("--seed", type=int, default=0)
+    shards.add_argument("--samples-per-shard", type=int, default=128)
+    shards.add_argument("--pairs-per-item", type=int, default=1, help="pairs/triplets sampled per labeled item")
+    shards.add_argument("--as-images", action="store_true", help="digits: write 8x8 PNG images, not vectors")
+    shards.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    embed = commands.add_parser("embed", help="embed an image folder, a text file or shards with a trained model")
+    embed.add_argument("model", type=Path, help="a run directory or its model/ directory")
+    embed.add_argument("input", type=Path, help="image folder root/<class>/*, text file (one item per line), or shards")
+    embed.add_argument("--out", required=True, type=Path, help="output .npz (embeddings, labels, keys)")
+    embed.add_argument("--side", choices=("a", "b"), default="a", help="tower of a pseudo-Siamese model")
+    embed.add_argument("--batch-size", type=int, default=512)
+
+    evaluate = commands.add_parser("eval", help="evaluate a trained model on held-out shards")
+    evaluate.add_argument("model", type=Path, help="a run directory or its model/ directory")
+    evaluate.add_argument("--data", type=Path, help="shard directory (default: the run's data.test)")
+    return parser
+
+
+def _add_run_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--address", help="Ray cluster address (ray://HOST:10001 or auto); default: local Ray")
+    command.add_argument("--verbose", action="store_true", help="show Ray's and the workers' own logs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from trainer import config
+
+    overrides = list(args.overrides) + ([f"dist.workers={args.workers}"] if args.workers is not None else [])
+    cfg = config.load(args.config, overrides)
+    if cfg.name is None:
+        stem = args.config.stem if args.config else "digits"
+        cfg = cfg.model_copy(update={"name": f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"})
+    return _train(cfg, resume=args.resume, address=args.address, verbose=args.verbose)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from trainer import config
+
+    saved = args.run_dir / "config.yaml"
+    if not saved.is_file():
+        raise CheckpointError(f"{args.run_dir}: not a run directory (no config.yaml)")
+    run_dir = args.run_dir.resolve()
+    cfg = config.load(saved, [f"name={run_dir.name}", f"output_dir={run_dir.parent}"])
+    return _train(cfg, resume=True, address=args.address, verbose=args.verbose)
+
+
+def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int:
+    from launch.ray_launch import launch
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.engine.build import plan_run
+    from trainer.progress import format_table
+
+    cfg = absolute_paths(cfg)
+    if resume and latest_checkpoint(cfg.run_dir) is None:
+        raise CheckpointError(f"{cfg.run_dir}: no complete checkpoint to resume from")
+    if not resume and (cfg.run_dir / "checkpoints").exists():
+        raise UserError(f"{cfg.run_dir} already holds a run: add --resume to continue it, or --set name=NEW")
+    ensure_shards(cfg)
+    plan = plan_run(cfg)
+    print(f"twinscale: run {cfg.run_dir} — {cfg.dist.workers} workers, {plan.total_steps} steps "
+          f"({plan.kind} shards, global batch {cfg.data.batch_size * cfg.dist.workers})", file=sys.stderr)
+    final = launch(cfg, address=address, resume=resume, verbose=verbose)
+    print(format_table({**final, "run_dir": str(cfg.run_dir), "model": str(cfg.run_dir / "model"),
+                        "checkpoints": str(cfg.run_dir / "checkpoints")}))
+    return 0
+
+
+def absolute_paths(cfg: Any) -> Any:
+    """Paths resolved against the working directory here, since Ray workers may run elsewhere."""
+    data = cfg.data.model_copy(update={
+        "train": str(Path(cfg.data.train).resolve()),
+        "test": None if cfg.data.test is None else str(Path(cfg.data.test).resolve()),
+    })
+    return cfg.model_copy(update={"data": data, "output_dir": str(Path(cfg.output_dir).resolve())})
+
+
+def ensure_shards(cfg: Any) -> None:
+    """Write the train/test shards from `data.source` when they are missing (the demo's first run)."""
+    from trainer.data.writer import shards_exist, write_shards
+    from trainer.errors import ConfigError
+
+    if cfg.data.source is None or shards_exist(Path(cfg.data.train)):
+        return
+    train, test = Path(cfg.data.train), Path(cfg.data.test) if cfg.data.test else None
+    if train.name != "train" or (test is not None and (test.parent != train.parent or test.name != "test")):
+        raise ConfigError("data.source: shards are written as DIR/train and DIR/test; point data.train and "
+                          "data.test there, or write shards yourself with `twinscale shards`")
+    print(f"twinscale: writing {cfg.data.source} shards to {train.parent}", file=sys.stderr)
+    write_shards(cfg.data.source, "labeled", train.parent, test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+                 as_images=cfg.data.source_as_images)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from trainer.data.writer import write_shards
+
+    written = write_shards(args.source, args.kind, args.out, test_fraction=args.test_fraction, seed=args.seed,
+                           samples_per_shard=args.samples_per_shard, pairs_per_item=args.pairs_per_item,
+                           as_images=args.as_images, overwrite=args.overwrite)
+    for split, index in written.items():
+        print(f"{split}: {index.num_samples} {index.kind} samples in {len(index.shards)} shards")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from trainer.embed import embed_to_file
+
+    count = embed_to_file(args.model, args.input, args.out, side=args.side, batch_size=args.batch_size)
+    print(f"wrote {count} embeddings to {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.embed import evaluate_exported
+    from trainer.progress import format_table
+
+    print(format_table(evaluate_exported(args.model, args.data)))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "embed": cmd_embed, "eval": cmd_eval}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

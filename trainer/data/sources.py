@@ -1,0 +1,292 @@
+"""Readers that turn a SOURCE argument into records for the shard writer.
+
+A SOURCE is `digits` (scikit-learn's 1,797 real 8x8 handwritten digits), an image folder
+(`root/<class>/*.png|jpg|jpeg`), a text file (`.csv` or `.jsonl`) of labeled texts, pairs or triplets, or a
+`.npz` file of arrays. Records hold encoded member bytes (npy/png/jpg/txt), never model code or pickles.
+Bad input raises `DataError` naming the file, column or line.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from trainer.data.formats import ViewSpec
+from trainer.errors import DataError
+
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+# Column layouts of a text file, tried in this order; the first whose columns are all present wins.
+TEXT_LAYOUTS: dict[str, tuple[str, ...]] = {
+    "triplets": ("anchor", "positive", "negative"),
+    "pairs": ("a", "b", "similar"),
+    "labeled": ("text", "label"),
+}
+TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes"}, {"0", "false", "no"}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input as tar member bytes (read lazily from `path` when `data` is None) and its class id."""
+
+    ext: str
+    label: int | None = None
+    data: bytes | None = None
+    path: Path | None = None
+
+    def read(self) -> bytes:
+        """The member bytes, read from disk if they are not held in memory."""
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        try:
+            return self.path.read_bytes()
+        except OSError as error:
+            raise DataError(f"{self.path}: cannot read ({error.strerror})") from None
+
+
+@dataclass
+class Source:
+    """Records read from a SOURCE: labeled items, or explicit pairs/triplets (one tuple of items per record)."""
+
+    name: str
+    """The SOURCE argument, recorded in index.json."""
+    form: str
+    """labeled, pairs or triplets: what each record is."""
+    records: list[tuple[Item, ...]]
+    """One tuple per record: (item,) for labeled; (a, b) or (anchor, positive, negative)."""
+    spec: ViewSpec
+    """Extension and shape shared by every item."""
+    similar: list[bool] = field(default_factory=list)
+    """Per record similarity flag (pairs only)."""
+
+    @property
+    def labeled(self) -> bool:
+        """Whether every item carries a class id."""
+        return all(item.label is not None for record in self.records for item in record)
+
+    def num_classes(self) -> int | None:
+        """Distinct class ids over all items (None without labels)."""
+        if not self.labeled:
+            return None
+        return len({item.label for record in self.records for item in record})
+
+
+def read_source(source: str, *, as_images: bool = False) -> Source:
+    """Read SOURCE (digits, an image folder, .csv/.jsonl text, .npz arrays) into records."""
+    if source == "digits":
+        return read_digits(as_images=as_images)
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"{source}: source not found; expected `digits`, an image folder, a .csv/.jsonl text "
+                        f"file or a .npz array file")
+    if path.is_dir():
+        return read_image_folder(path)
+    if as_images:
+        raise DataError(f"{source}: as_images applies to `digits` only (an image folder is already images)")
+    readers: dict[str, Callable[[Path], Source]] = {".csv": read_text_file, ".jsonl": read_text_file,
+                                                    ".npz": read_npz}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{source}: unknown source type {path.suffix!r}; expected .csv, .jsonl, .npz, an image "
+                        f"folder or `digits`")
+    return reader(path)
+
+
+def read_digits(*, as_images: bool = False) -> Source:
+    """scikit-learn's handwritten digits: float32 vectors in [0, 1] of shape [64], or 8x8 grayscale PNGs."""
+    from sklearn.datasets import load_digits  # late: scikit-learn is only needed to write digits shards
+
+    digits = load_digits()
+    pixels, labels = digits.data.astype(np.float32), digits.target.astype(int)
+    if as_images:
+        grays = np.rint(pixels * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 8, 8)
+        items = [Item("png", int(y), data=encode_png(g)) for g, y in zip(grays, labels, strict=True)]
+        return Source("digits", "labeled", [(item,) for item in items], ViewSpec("png", (1, 8, 8)))
+    vectors = pixels / 16.0
+    items = [Item("npy", int(y), data=encode_npy(v)) for v, y in zip(vectors, labels, strict=True)]
+    return Source("digits", "labeled", [(item,) for item in items], ViewSpec("npy", (64,)))
+
+
+def read_npz(path: Path) -> Source:
+    """A .npz file with a float array `inputs` (or `x`, `embeddings`) [N, ...] and int `labels` (or `y`) [N]."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            inputs = _pick_array(arrays, path, ("inputs", "x", "embeddings"))
+            labels = _pick_array(arrays, path, ("labels", "y"))
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a readable .npz file without pickles ({error})") from None
+    if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (len(inputs),):
+        raise DataError(f"{path}: labels must be integers of shape [{len(inputs)}], got {labels.dtype} "
+                        f"{list(labels.shape)}")
+    if not np.issubdtype(inputs.dtype, np.number) or len(inputs) == 0:
+        raise DataError(f"{path}: inputs must be a non-empty numeric array, got {inputs.dtype} {list(inputs.shape)}")
+    vectors = inputs.astype(np.float32)
+    items = [Item("npy", int(y), data=encode_npy(v)) for v, y in zip(vectors, labels, strict=True)]
+    return Source(str(path), "labeled", [(item,) for item in items], ViewSpec("npy", tuple(vectors.shape[1:])))
+
+
+def _pick_array(arrays: np.lib.npyio.NpzFile, path: Path, names: tuple[str, ...]) -> np.ndarray:
+    for name in names:
+        if name in arrays.files:
+            return arrays[name]
+    raise DataError(f"{path}: no array named {' or '.join(names)} (found: {', '.join(arrays.files) or 'none'})")
+
+
+def read_image_folder(root: Path) -> Source:
+    """Images under `root/<class>/`: class ids are the sorted folder names' positions; bytes are kept as is."""
+    classes = sorted(child for child in root.iterdir() if child.is_dir() and not child.name.startswith("."))
+    files = [(path, label) for label, folder in enumerate(classes) for path in _image_files(folder)]
+    if not files:
+        raise DataError(f"{root}: no images found; expected {root}/<class>/*.png|jpg|jpeg")
+    exts = {IMAGE_SUFFIXES[path.suffix.lower()] for path, _ in files}
+    # One extension per view: a folder mixing formats is re-encoded losslessly to PNG.
+    ext = exts.pop() if len(exts) == 1 else "png"
+    shape = _common_image_shape([path for path, _ in files], root)
+    items = [_image_item(path, label, ext) for path, label in files]
+    return Source(str(root), "labeled", [(item,) for item in items], ViewSpec(ext, shape))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _image_item(path: Path, label: int, ext: str) -> Item:
+    if IMAGE_SUFFIXES[path.suffix.lower()] == ext:
+        return Item(ext, label, path=path)
+    with Image.open(path) as image:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+    return Item(ext, label, data=buffer.getvalue())
+
+
+def _common_image_shape(paths: list[Path], root: Path) -> tuple[int, int, int]:
+    first_width, first_height, _ = _image_header(paths[0])
+    gray = True
+    for path in paths:
+        width, height, mode = _image_header(path)
+        gray = gray and mode in GRAY_MODES
+        if (width, height) != (first_width, first_height):
+            raise DataError(f"{path}: is {width}x{height}, but {paths[0]} is {first_width}x{first_height}; "
+                            f"images under {root} must share one size: resize them first")
+    return (1 if gray else 3, first_height, first_width)
+
+
+def _image_header(path: Path) -> tuple[int, int, str]:
+    try:
+        with Image.open(path) as image:
+            return image.width, image.height, image.mode
+    except (OSError, UnidentifiedImageError) as error:
+        raise DataError(f"{path}: not a readable image ({error})") from None
+
+
+def read_text_file(path: Path) -> Source:
+    """A .csv or .jsonl file of labeled texts (text,label), pairs (a,b,similar) or triplets."""
+    rows = list(_csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path))
+    if not rows:
+        raise DataError(f"{path}: no records")
+    columns = set(rows[0][1])
+    form = next((name for name, needed in TEXT_LAYOUTS.items() if set(needed) <= columns), None)
+    if form is None:
+        layouts = "; ".join(",".join(needed) for needed in TEXT_LAYOUTS.values())
+        raise DataError(f"{path}: missing columns: found {', '.join(sorted(columns))}; expected one of: {layouts}")
+    views = TEXT_LAYOUTS[form][:-1] if form != "triplets" else TEXT_LAYOUTS[form]
+    label_columns = _label_columns(path, form, views, columns)
+    records, similar = [], []
+    for line, row in rows:
+        records.append(tuple(_text_item(path, line, row, view, label) for view, label in label_columns))
+        if form == "pairs":
+            similar.append(_flag(path, line, _field(path, line, row, "similar")))
+    return Source(str(path), form, records, ViewSpec("txt", None), similar)
+
+
+def _label_columns(path: Path, form: str, views: tuple[str, ...], columns: set[str]) -> list[tuple[str, str | None]]:
+    if form == "labeled":
+        return [("text", "label")]
+    wanted = [f"{view}_label" for view in views]
+    present = [name for name in wanted if name in columns]
+    if present and len(present) != len(wanted):
+        raise DataError(f"{path}: has {', '.join(present)} but not {', '.join(sorted(set(wanted) - set(present)))};"
+                        f" give a label column for every item or for none")
+    return [(view, f"{view}_label" if present else None) for view in views]
+
+
+def _text_item(path: Path, line: int, row: dict[str, object], column: str, label_column: str | None) -> Item:
+    text = _field(path, line, row, column)
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{line}: column {column!r} must be a text, got {text!r}")
+    label = _integer(path, line, label_column, _field(path, line, row, label_column)) if label_column else None
+    return Item("txt", label, data=text.encode("utf-8"))
+
+
+def _field(path: Path, line: int, row: dict[str, object], column: str) -> object:
+    if column not in row:
+        raise DataError(f"{path}:{line}: missing column {column!r}")
+    return row[column]
+
+
+def _integer(path: Path, line: int, column: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
+    raise DataError(f"{path}:{line}: column {column!r} must be an integer class id, got {value!r}")
+
+
+def _flag(path: Path, line: int, value: object) -> bool:
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    word = str(value).strip().lower()
+    if word in TRUE_WORDS | FALSE_WORDS:
+        return word in TRUE_WORDS
+    raise DataError(f"{path}:{line}: column 'similar' must be 1 or 0, got {value!r}")
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            for row in reader:
+                if None in row or any(value is None for value in row.values()):
+                    raise DataError(f"{path}:{reader.line_num}: expected {len(reader.fieldnames or [])} fields")
+                yield reader.line_num, dict(row)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: not a readable UTF-8 CSV file ({error})") from None
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not UTF-8 text ({error})") from None
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line")
+        yield number, row
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """The .npy bytes of `array` (never pickled)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 [H, W] (grayscale) or [H, W, 3] (RGB) array."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

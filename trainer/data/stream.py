@@ -1,0 +1,365 @@
+"""The training and evaluation input pipeline: shard sets streamed from WebDataset tar files into batches.
+
+Training (`train_batches`): `plan_epoch` shuffles the shard list with (seed, epoch) and assigns whole shards to
+world_size × loader_workers slots, from index.json alone, so every rank agrees on the same number of batches
+without reading data (unequal counts hang DeepSpeed's collectives). Each slot streams its own shards:
+tar members → seeded shuffle buffer → explicit decode of the declared members → full batches. The stream depends
+only on (seed, epoch, rank, worker), so an epoch can be replayed or resumed exactly.
+
+Evaluation (`eval_batches`): every sample once, in index order, last partial batch kept.
+
+A batch is a plain dict:
+    views:   {view: float32 tensor [B, *shape] (npy), float32 [B, C, H, W] in [0, 1] (png/jpg), or TextBatch (txt)}
+    labels:  {view: int64 tensor [B]}, only when the shards carry class ids
+    similar: float32 tensor [B], pairs only (1.0 for similar)
+    keys:    list[str] of sample keys
+    corrupt: int, corrupt samples and unreadable tar sections skipped so far by the worker that made the batch
+    worker:  int, that DataLoader worker's id (0 without workers)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import io
+import logging
+import random
+from collections.abc import Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from trainer.config import DataConfig
+from trainer.data.formats import ShardIndex, ShardInfo, TextBatch, ViewSpec, cls_member, hash_ngrams, read_index
+from trainer.errors import DataError
+
+log = logging.getLogger(__name__)
+Batch = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which shards each (rank, DataLoader worker) slot reads this epoch, and how many batches every rank yields."""
+
+    seed: int
+    epoch: int
+    world_size: int
+    workers: int
+    """Slots per rank: max(1, loader_workers)."""
+    batch_size: int
+    order: tuple[str, ...]
+    """The shard files in this epoch's shuffled order."""
+    slots: tuple[tuple[tuple[str, ...], ...], ...]
+    """slots[rank][worker]: the shard files that slot streams, in shuffled order."""
+    slot_samples: tuple[tuple[int, ...], ...]
+    """slot_samples[rank][worker]: samples in those shards."""
+    batches_per_rank: int
+    """Batches every rank yields: the smallest number of full batches any rank can make."""
+    num_samples: int
+
+    def rank_batches(self, rank: int) -> int:
+        """Full batches rank `rank` could make (each slot batches only its own samples)."""
+        return sum(samples // self.batch_size for samples in self.slot_samples[rank])
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples yielded over all ranks this epoch."""
+        return self.batches_per_rank * self.batch_size * self.world_size
+
+    @property
+    def dropped_samples(self) -> int:
+        """Samples not yielded this epoch: partial batches and batches beyond the smallest rank's count."""
+        return self.num_samples - self.samples_per_epoch
+
+
+def plan_epoch(index: ShardIndex, *, seed: int, epoch: int, world_size: int, loader_workers: int,
+               batch_size: int) -> EpochPlan:
+    """Shuffle the shards with (seed, epoch) and assign them to every rank's DataLoader workers."""
+    if world_size < 1 or loader_workers < 0 or batch_size < 1:
+        raise DataError(f"plan_epoch: need world_size ≥ 1, loader_workers ≥ 0 and batch_size ≥ 1, got "
+                        f"{world_size}, {loader_workers}, {batch_size}")
+    workers = max(1, loader_workers)
+    permutation = np.random.default_rng([seed % 2**63, epoch % 2**63]).permutation(len(index.shards))
+    shuffled = [index.shards[i] for i in permutation]
+    slots = _assign(shuffled, world_size, workers)
+    plan = EpochPlan(seed=seed, epoch=epoch, world_size=world_size, workers=workers, batch_size=batch_size,
+                     order=tuple(shard.file for shard in shuffled),
+                     slots=tuple(tuple(tuple(s.file for s in slot) for slot in rank) for rank in slots),
+                     slot_samples=tuple(tuple(sum(s.samples for s in slot) for slot in rank) for rank in slots),
+                     batches_per_rank=0, num_samples=index.num_samples)
+    batches = [plan.rank_batches(rank) for rank in range(world_size)]
+    if min(batches) == 0:
+        raise DataError(_too_few_shards(index, plan, batches.index(0)))
+    return dataclasses.replace(plan, batches_per_rank=min(batches))
+
+
+def _assign(shards: list[ShardInfo], world_size: int, workers: int) -> list[list[list[ShardInfo]]]:
+    # Largest shards first, each to the least-loaded slot; ties go worker-major (rank 0 worker 0, rank 1 worker
+    # 0, ...) so equal shards are split by node first, then by worker. Slot loads then depend only on the shard
+    # sizes, so batches_per_rank is the same every epoch; each slot reads its shards in shuffled order.
+    heap = [(0, worker * world_size + rank) for worker in range(workers) for rank in range(world_size)]
+    chosen: dict[int, list[int]] = {slot: [] for _, slot in heap}
+    for position in sorted(range(len(shards)), key=lambda i: -shards[i].samples):
+        load, slot = heapq.heappop(heap)
+        chosen[slot].append(position)
+        heapq.heappush(heap, (load + shards[position].samples, slot))
+    return [[[shards[i] for i in sorted(chosen[worker * world_size + rank])] for worker in range(workers)]
+            for rank in range(world_size)]
+
+
+def _too_few_shards(index: ShardIndex, plan: EpochPlan, rank: int) -> str:
+    sizes = ", ".join(str(n) for n in plan.slot_samples[rank])
+    return (f"{len(index.shards)} shard(s) of {index.num_samples} samples cannot give every one of "
+            f"{plan.world_size} rank(s) × {plan.workers} loader worker(s) a full batch of {plan.batch_size}: "
+            f"whole shards go to one slot each, and rank {rank}'s slots hold {sizes} sample(s), 0 full batches. "
+            f"Write more, smaller shards (a lower samples_per_shard), use fewer data.loader_workers, or a "
+            f"smaller data.batch_size")
+
+
+def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
+                  skip_batches: int = 0) -> Iterator[Batch]:
+    """Exactly `plan.batches_per_rank` training batches of this rank (the first `skip_batches` discarded)."""
+    index = read_index(shard_dir)
+    try:
+        plan = plan_epoch(index, seed=seed, epoch=epoch, world_size=world_size,
+                          loader_workers=cfg.loader_workers, batch_size=cfg.batch_size)
+    except DataError as error:
+        raise DataError(f"{shard_dir}: {error}") from None
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    pipeline = _pipeline(Path(shard_dir), index, cfg, plan.slots[rank], cfg.batch_size, partial=False,
+                         shuffle=_SeededShuffle(cfg.shuffle_buffer, seed, epoch, rank) if cfg.shuffle_buffer else None)
+    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers)
+    return _take(loader, plan.batches_per_rank, skip_batches, f"{shard_dir} (rank {rank}, epoch {epoch})")
+
+
+def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int) -> Iterator[Batch]:
+    """Every sample of the shard set once, in index order, unshuffled, the last partial batch kept."""
+    index = read_index(shard_dir)
+    files = tuple(shard.file for shard in index.shards)
+    pipeline = _pipeline(Path(shard_dir), index, cfg, (files,), batch_size, partial=True, shuffle=None)
+    return _worker_batches(pipeline)
+
+
+def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, slots: tuple[tuple[str, ...], ...],
+              batch_size: int, *, partial: bool, shuffle: _SeededShuffle | None) -> wds.DataPipeline:
+    state = _WorkerState(cfg.on_corrupt)
+    return wds.DataPipeline(
+        _SlotShards(directory, slots, state),
+        wds.tarfile_to_samples(handler=state.tar_error, select_files=_DeclaredMembers(index.members())),
+        shuffle,
+        wds.map(SampleDecoder(index, cfg, state)),
+        wds.batched(batch_size, collation_fn=BatchCollator(index, state), partial=partial),
+    )
+
+
+def _take(loader: torch.utils.data.DataLoader, count: int, skip: int, where: str) -> Iterator[Batch]:
+    # Skipped corrupt samples can leave a rank short of its planned batches; every rank must still yield
+    # `count` (or collectives hang), so a short rank streams its shards again to top up.
+    done = 0
+    while done < count:
+        produced = 0
+        with contextlib.closing(_worker_batches(loader)) as batches:
+            for batch in batches:
+                produced, done = produced + 1, done + 1
+                if done > skip:
+                    yield batch
+                if done == count:
+                    return
+        if produced == 0:
+            raise DataError(f"{where}: no full batch could be decoded; check the shards (see data.on_corrupt)")
+        log.warning("%s: corrupt samples left %d of %d batches; streaming the shards again", where, done, count)
+
+
+def _worker_batches(batches: Any) -> Generator[Batch, None, None]:
+    iterator = iter(batches)
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except DataError as error:
+                # A DataLoader worker's error arrives with its traceback inside the message: keep one line, and
+                # raise outside this block so no traceback keeps the DataLoader (and its workers) alive.
+                message = str(error).strip().splitlines()[-1].partition("DataError: ")[2] or str(error)
+            else:
+                yield batch
+                continue
+            raise DataError(message)
+    finally:
+        # Stop DataLoader workers now, also when the consumer stops early: an error raised from a worker sits
+        # in a reference cycle with the DataLoader iterator, whose workers would otherwise live until a gc pass.
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
+@dataclass
+class _WorkerState:
+    """Per-DataLoader-worker state shared by the stages of one pipeline copy."""
+
+    on_corrupt: str
+    worker: int = 0
+    corrupt: int = 0
+
+    def tar_error(self, error: Exception) -> bool:
+        """WebDataset handler for unreadable tar data: count and continue, or raise (no sleeping, unlike wds')."""
+        if self.on_corrupt == "raise":
+            url = next((a for a in reversed(error.args) if isinstance(a, str) and a.endswith(".tar")), "shard")
+            raise DataError(f"{url}: unreadable tar data ({type(error).__name__}: {error.args[0] if error.args else ''}"
+                            f"); set data.on_corrupt=skip to skip it") from None
+        self.corrupt += 1
+        return True
+
+
+class _SlotShards:
+    """First pipeline stage: the shard files of the DataLoader worker running it, as WebDataset URLs."""
+
+    def __init__(self, directory: Path, slots: tuple[tuple[str, ...], ...], state: _WorkerState) -> None:
+        self.directory, self.slots, self.state = directory, slots, state
+
+    def __call__(self) -> Iterator[dict[str, str]]:
+        self.state.worker = _worker_id()
+        if self.state.worker >= len(self.slots):
+            raise DataError(f"DataLoader worker {self.state.worker} has no slot in a plan of {len(self.slots)}")
+        return iter([{"url": str(self.directory / file)} for file in self.slots[self.state.worker]])
+
+
+class _SeededShuffle:
+    """Shuffle buffer whose generator is seeded by (seed, epoch, rank, worker) when iteration starts."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int) -> None:
+        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        rng = random.Random(f"twinscale/{self.seed}/{self.epoch}/{self.rank}/{_worker_id()}")
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(samples)
+
+
+class _DeclaredMembers:
+    """select_files predicate: only members declared in index.json are read from the tar at all."""
+
+    def __init__(self, members: set[str]) -> None:
+        self.members = members
+
+    def __call__(self, name: str) -> bool:
+        return name.rsplit("/", 1)[-1].partition(".")[2].lower() in self.members
+
+
+def _worker_id() -> int:
+    info = torch.utils.data.get_worker_info()
+    return info.id if info is not None else 0
+
+
+class CorruptSample(Exception):
+    """A declared member that is missing or cannot be decoded."""
+
+
+class SampleDecoder:
+    """Decodes the declared members of one raw sample; a corrupt sample is skipped and counted, or raises."""
+
+    def __init__(self, index: ShardIndex, cfg: DataConfig, state: _WorkerState) -> None:
+        self.index, self.state = index, state
+        self.buckets, self.ngrams = cfg.text_buckets, (cfg.text_ngrams[0], cfg.text_ngrams[1])
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.decode(sample)
+        except CorruptSample as error:
+            if self.state.on_corrupt == "raise":
+                raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {error}; set "
+                                f"data.on_corrupt=skip to skip corrupt samples") from None
+            self.state.corrupt += 1
+            return None  # wds.map drops None
+
+    def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """{"__key__", "views": {view: array}, "labels": {view: int}, "similar": float (pairs)}."""
+        kind = self.index.kind
+        views = {view: self.view(sample, view, spec) for view, spec in self.index.views.items()}
+        labels = {view: _class_id(_member(sample, cls_member(kind, view))) for view in views} \
+            if self.index.labels else {}
+        decoded = {"__key__": sample["__key__"], "views": views, "labels": labels}
+        if kind == "pairs":
+            decoded["similar"] = _similar(_member(sample, "similar"))
+        return decoded
+
+    def view(self, sample: dict[str, Any], view: str, spec: ViewSpec) -> np.ndarray:
+        """One decoded view: a float32 array, or hashed n-gram ids for text."""
+        name = f"{view}.{spec.ext}"
+        data = _member(sample, name)
+        try:
+            if spec.ext == "txt":
+                return hash_ngrams(data.decode("utf-8"), self.buckets, self.ngrams)
+            array = decode_npy(data) if spec.ext == "npy" else decode_image(data, (spec.shape or (3,))[0])
+        except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
+            raise CorruptSample(f"{name}: cannot decode ({type(error).__name__}: {error})") from None
+        if array.shape != spec.shape:
+            raise CorruptSample(f"{name}: shape {list(array.shape)} differs from index.json {list(spec.shape or ())}")
+        return array
+
+
+def _member(sample: dict[str, Any], name: str) -> bytes:
+    if name not in sample:
+        raise CorruptSample(f"member {name} is missing")
+    return sample[name]
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays and pickles raise here
+    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
+        raise ValueError(f"not a numeric array ({getattr(array, 'dtype', type(array).__name__)})")
+    return array.astype(np.float32)
+
+
+def decode_image(data: bytes, channels: int) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def _class_id(data: bytes) -> int:
+    try:
+        return int(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise CorruptSample(f"class id {data[:20]!r} is not an integer") from None
+
+
+def _similar(data: bytes) -> float:
+    flag = data.strip()
+    if flag not in (b"0", b"1"):
+        raise CorruptSample(f"similar {data[:20]!r} is not 1 or 0")
+    return float(flag == b"1")
+
+
+class BatchCollator:
+    """Stacks decoded samples into the batch schema of this module's docstring."""
+
+    def __init__(self, index: ShardIndex, state: _WorkerState) -> None:
+        self.index, self.state = index, state
+
+    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
+        views = {view: _stack(spec, [s["views"][view] for s in samples]) for view, spec in self.index.views.items()}
+        batch: Batch = {
+            "views": views,
+            "labels": {view: torch.tensor([s["labels"][view] for s in samples], dtype=torch.int64)
+                       for view in views if self.index.labels},
+            "keys": [s["__key__"] for s in samples],
+            "corrupt": self.state.corrupt,
+            "worker": self.state.worker,
+        }
+        if self.index.kind == "pairs":
+            batch["similar"] = torch.tensor([s["similar"] for s in samples], dtype=torch.float32)
+        return batch
+
+
+def _stack(spec: ViewSpec, rows: list[np.ndarray]) -> torch.Tensor | TextBatch:
+    if spec.ext == "txt":
+        return TextBatch.collate(rows)
+    return torch.from_numpy(np.stack(rows))

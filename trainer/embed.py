@@ -1,0 +1,136 @@
+"""Inference with an exported model (run_dir/model): embed inputs to .npz, or evaluate on shards.
+
+No DeepSpeed and no pickles: the model is rebuilt from config.json and loaded from safetensors.
+Inputs: an image folder `root/<class>/*` (labels from folder names), a text file (one item per line), or a
+shard directory (every view of every sample; keys are `<sample key>/<view>`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer import config
+from trainer.config import Config
+from trainer.data.formats import INDEX_FILE, KIND_VIEWS, TextBatch, hash_ngrams, read_index
+from trainer.data.sources import read_image_folder
+from trainer.data.stream import decode_image, eval_batches
+from trainer.engine.evaluate import evaluate
+from trainer.engine.step import TOWER_SIDE
+from trainer.errors import DataError, UserError
+from trainer.models.export import load_exported
+from trainer.models.towers import EmbeddingModel, InputSpec
+
+Rows = tuple[torch.Tensor, list[int] | None, list[str]]
+
+
+def model_dir(path: Path) -> Path:
+    """A run directory's model/ directory, or the path itself when it is one."""
+    return path / "model" if (path / "model" / "config.json").is_file() else path
+
+
+def run_config(path: Path, document: dict[str, Any]) -> Config:
+    """The config of the run that exported the model (defaults with its text hashing when it is gone)."""
+    saved = model_dir(path).parent / "config.yaml"
+    if saved.is_file():
+        return config.load(saved)
+    extra = document.get("extra") or {}
+    overrides = [f"data.{key}={value}" for key, value in extra.items() if key in ("text_buckets", "text_ngrams")]
+    return config.load(None, overrides)
+
+
+def embed_to_file(model_path: Path, input_path: Path, out: Path, side: str = "a", batch_size: int = 512) -> int:
+    """Embed `input_path` and write `out` (.npz: embeddings, keys, labels when known); returns the count."""
+    if out.suffix != ".npz":
+        raise UserError(f"--out {out}: expected a .npz file name")
+    model, document = load_exported(model_dir(model_path))
+    cfg = run_config(model_path, document)
+    spec = InputSpec.from_dict(document["inputs"][side] or document["inputs"]["a"])
+    embeddings, labels, keys = embed_input(model, spec, cfg, input_path, side, batch_size)
+    arrays: dict[str, np.ndarray] = {"embeddings": embeddings.numpy(), "keys": np.array(keys)}
+    if labels is not None:
+        arrays["labels"] = np.array(labels, dtype=np.int64)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.stem}.tmp.npz")
+    np.savez(temporary, **arrays)
+    os.replace(temporary, out)
+    return len(keys)
+
+
+@torch.no_grad()
+def embed_input(model: EmbeddingModel, spec: InputSpec, cfg: Config, input_path: Path, side: str,
+                batch_size: int) -> Rows:
+    """Embeddings, labels (or None) and keys of an image folder, a text file or shards."""
+    if (input_path / INDEX_FILE).is_file():
+        return _embed_shards(model, cfg, input_path, batch_size)
+    if input_path.is_dir():
+        _expect(spec, "image", input_path)
+        return _embed_images(model, spec, input_path, side, batch_size)
+    if input_path.is_file():
+        _expect(spec, "text", input_path)
+        return _embed_lines(model, cfg, input_path, side, batch_size)
+    raise DataError(f"{input_path}: no such file or directory")
+
+
+def _expect(spec: InputSpec, modality: str, input_path: Path) -> None:
+    if spec.modality != modality:
+        raise DataError(f"{input_path}: this model's tower takes {spec.modality} inputs, not {modality}s")
+
+
+def _embed_images(model: EmbeddingModel, spec: InputSpec, root: Path, side: str, batch_size: int) -> Rows:
+    source = read_image_folder(root)
+    channels, height, width = spec.shape
+    if tuple(source.spec.shape or ())[1:] != (height, width):
+        raise DataError(f"{root}: images are {source.spec.shape}, the model takes {spec.shape} (C,H,W)")
+    items = [record[0] for record in source.records]
+    keys = [str(item.path.relative_to(root)) if item.path else f"{i:08d}" for i, item in enumerate(items)]
+    parts = []
+    for chunk in _chunks(items, batch_size):
+        pixels = np.stack([decode_image(item.read(), channels) for item in chunk])
+        parts.append(model(torch.from_numpy(pixels), side))
+    return torch.cat(parts), [int(item.label) for item in items if item.label is not None], keys
+
+
+def _embed_lines(model: EmbeddingModel, cfg: Config, path: Path, side: str, batch_size: int) -> Rows:
+    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise DataError(f"{path}: no text lines to embed")
+    parts = []
+    for chunk in _chunks(lines, batch_size):
+        ids = [hash_ngrams(text, cfg.data.text_buckets, cfg.data.text_ngrams) for text in chunk]
+        parts.append(model(TextBatch.collate(ids), side))
+    return torch.cat(parts), None, [f"{i:08d}" for i in range(len(lines))]
+
+
+def _embed_shards(model: EmbeddingModel, cfg: Config, shard_dir: Path, batch_size: int) -> Rows:
+    kind = read_index(shard_dir).kind
+    parts: list[torch.Tensor] = []
+    labels: list[int] = []
+    keys: list[str] = []
+    for batch in eval_batches(shard_dir, cfg.data, batch_size=batch_size):
+        for view in KIND_VIEWS[kind]:
+            parts.append(model(batch["views"][view], TOWER_SIDE[view]))
+            keys.extend(f"{key}/{view}" for key in batch["keys"])
+            if view in batch["labels"]:
+                labels.extend(int(v) for v in batch["labels"][view])
+    return torch.cat(parts), labels if len(labels) == len(keys) else None, keys
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def evaluate_exported(model_path: Path, shard_dir: Path | None) -> dict[str, float]:
+    """Metrics of an exported model on shards (default: the run's held-out split)."""
+    model, document = load_exported(model_dir(model_path))
+    cfg = run_config(model_path, document)
+    target = str(shard_dir) if shard_dir is not None else cfg.data.test
+    if target is None:
+        raise UserError(f"{model_path}: the run has no data.test; pass --data SHARDS")
+    return evaluate(model, cfg, torch.device("cpu"), target)

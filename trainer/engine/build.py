@@ -1,0 +1,68 @@
+"""What a run needs before its first step, computed from the config and the shard indexes alone.
+
+The driver calls `plan_run` before starting any worker, so a config that cannot work with the shards (an
+encoder for the wrong modality, too few shards for the workers) fails at once with exit code 2; each worker
+calls it again to build its model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer.config import Config
+from trainer.data.formats import KIND_VIEWS, ShardIndex, read_index
+from trainer.data.stream import plan_epoch
+from trainer.errors import ConfigError
+from trainer.models.towers import EmbeddingModel, InputSpec, build_model
+
+
+@dataclass
+class RunPlan:
+    """Shapes and lengths of a run."""
+
+    kind: str
+    spec_a: InputSpec
+    spec_b: InputSpec | None
+    total_steps: int
+    steps_per_epoch: int
+
+
+def input_spec(index: ShardIndex, view: str, text_buckets: int) -> InputSpec:
+    """The model input of one shard view."""
+    fmt = index.views[view]
+    if fmt.ext == "txt":
+        return InputSpec("text", (), text_buckets=text_buckets)
+    if fmt.ext == "npy":
+        return InputSpec("vector", tuple(fmt.shape or ()))
+    return InputSpec("image", tuple(fmt.shape or ()))
+
+
+def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
+    """Validate the config against the shards and compute the run's length."""
+    world = world_size or cfg.dist.workers
+    index = read_index(cfg.data.train)
+    views = KIND_VIEWS[index.kind]
+    if index.kind == "labeled" and cfg.model.architecture == "pseudo_siamese":
+        raise ConfigError("model.architecture: pseudo_siamese needs pair or triplet shards (two kinds of input); "
+                          f"{cfg.data.train} holds labeled items — use model.architecture=siamese")
+    spec_a = input_spec(index, views[0], cfg.data.text_buckets)
+    spec_b = input_spec(index, views[1], cfg.data.text_buckets) if len(views) > 1 else None
+    if cfg.data.test is not None:
+        test = read_index(cfg.data.test)
+        if test.kind != index.kind:
+            raise ConfigError(f"data.test: {cfg.data.test} holds {test.kind} shards but data.train holds {index.kind}")
+    per_epoch = [plan_epoch(index, seed=cfg.seed, epoch=e, world_size=world, loader_workers=cfg.data.loader_workers,
+                            batch_size=cfg.data.batch_size).batches_per_rank for e in range(cfg.optim.epochs)]
+    total = sum(per_epoch)
+    if cfg.optim.max_steps is not None:
+        total = min(total, cfg.optim.max_steps)
+    build_model(cfg.model, spec_a, spec_b)  # raises ConfigError for an encoder/modality mismatch
+    return RunPlan(index.kind, spec_a, spec_b, total, per_epoch[0])
+
+
+def build_run_model(cfg: Config, plan: RunPlan) -> EmbeddingModel:
+    """The model of a run, initialised from the run's seed (identical on every worker)."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, plan.spec_a, plan.spec_b)

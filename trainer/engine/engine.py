@@ -1,0 +1,119 @@
+"""The DeepSpeed engine of a worker: AdamW, warm-up + cosine schedule, clipping, ZeRO 0-2, bf16 on GPU.
+
+DeepSpeed is imported here and only here (it takes seconds to import). On CPU it runs over gloo, reusing the
+process group that Ray Train or torchrun set up. Checkpoints are loaded without unpickling arbitrary objects:
+see `SafeCheckpointEngine`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from trainer.config import Config
+
+# DeepSpeed picks its accelerator at import time; on a machine without CUDA say so explicitly, which also
+# silences its "unable to detect" warning.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    """The device this worker trains on: its local GPU when there is one and the config allows it."""
+    if cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def uses_bf16(cfg: Config, device: torch.device) -> bool:
+    """bf16 weights/activations on GPU (or when asked for), fp32 on CPU."""
+    return cfg.dist.precision == "bf16" or (cfg.dist.precision == "auto" and device.type == "cuda")
+
+
+def deepspeed_config(cfg: Config, world_size: int, total_steps: int, device: torch.device) -> dict[str, Any]:
+    """The DeepSpeed config generated from the run config, with `dist.deepspeed` merged over it."""
+    generated: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.optim.gradient_accumulation_steps,
+        "train_batch_size": cfg.data.batch_size * world_size * cfg.optim.gradient_accumulation_steps,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "bf16": {"enabled": uses_bf16(cfg, device)},
+        "zero_allow_untested_optimizer": True,
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, cfg.optim.warmup_steps + 1),
+                "warmup_num_steps": cfg.optim.warmup_steps,
+                "warmup_type": "linear",
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": cfg.optim.min_lr_ratio,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(generated, cfg.dist.deepspeed)
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_steps: int, device: torch.device) -> Any:
+    """Wrap `model` in a DeepSpeed engine with AdamW and the configured schedule."""
+    import deepspeed
+
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, total_steps, device),
+        dist_init_required=False,
+    )
+    engine.checkpoint_engine = SafeCheckpointEngine()
+    return engine
+
+
+def init_distributed(cfg: Config) -> None:
+    """Join (or create, under torchrun) the default process group: NCCL on GPU, gloo on CPU."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = "nccl" if resolve_device(cfg).type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+
+
+class SafeCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`.
+
+    DeepSpeed 0.19 loads its own checkpoint files with `weights_only=False`, which would run any pickled code
+    in them. Its files hold tensors, numbers, strings and containers, plus a few DeepSpeed classes that are
+    allow-listed here by name.
+    """
+
+    def __new__(cls) -> Any:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+        class _Safe(TorchCheckpointEngine):
+            def load(self, path: str, map_location: Any = None) -> Any:
+                with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                    return torch.load(path, map_location=map_location, weights_only=True)
+
+        return _Safe()
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged

@@ -1,0 +1,89 @@
+"""Worker entry point: one process per GPU or CPU slot, started by Ray Train or torchrun.
+
+Without Ray:  torchrun --nproc_per_node 2 -m trainer.train configs/default.yaml --set optim.epochs=5
+(shards must exist; write them with `twinscale shards` first). With Ray: `twinscale train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from trainer import checkpoint, config
+from trainer.checkpoint import RunState, write_json_atomic
+from trainer.config import Config
+from trainer.engine.build import build_run_model, plan_run
+from trainer.engine.engine import build_engine, init_distributed, resolve_device
+from trainer.engine.loop import TrainLoop
+from trainer.errors import UserError
+from trainer.models.export import export_model
+from trainer.objectives.gather import default_collective
+from trainer.objectives.objective import MetricObjective
+from trainer.progress import ConsoleProgress, Reporter, format_table
+from trainer.tracking import start_tracker
+
+
+def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> dict[str, Any] | None:
+    """Train one run on this worker; rank 0 returns the final metrics, other ranks None."""
+    started = time.time()
+    init_distributed(cfg)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    torch.set_num_threads(cfg.dist.cpus_per_worker)
+    device = resolve_device(cfg)
+    plan = plan_run(cfg, world)
+    engine = build_engine(build_run_model(cfg, plan), cfg, world, plan.total_steps, device)
+    objective = MetricObjective(cfg.loss, cfg.mining, default_collective())
+    run_dir = cfg.run_dir
+    state = checkpoint.load(engine, run_dir) if resume else RunState()
+    tracker = None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.dump(cfg, run_dir / "config.yaml")
+        tracker = start_tracker(cfg.log, run_dir, config.to_dict(cfg), state.tracker_id)
+    loop = TrainLoop(cfg, engine, objective, plan.kind, plan.total_steps, run_dir, rank, world, device, tracker,
+                     reporter if rank == 0 else None)
+    state = loop.run(state)
+    corrupt = torch.tensor([sum(loop.corrupt_by_worker.values())], dtype=torch.long)
+    total_corrupt = int(default_collective().sum(corrupt))
+    if rank != 0:
+        return None
+    export_model(engine.module, cfg.model, plan.spec_a, plan.spec_b, run_dir / "model",
+                 extra={"text_buckets": cfg.data.text_buckets, "text_ngrams": list(cfg.data.text_ngrams)})
+    final = {**loop.last_eval, "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
+             "train_samples_per_s": loop.throughput.samples_per_s, "corrupt_samples_skipped": total_corrupt,
+             "wall_s": time.time() - started}
+    write_json_atomic(run_dir / "final_metrics.json", final)
+    assert tracker is not None
+    tracker.finish(final)
+    if reporter is not None:
+        reporter.close()
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.train [CONFIG] [--set k=v ...] [--resume]`, e.g. under torchrun."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__)
+    parser.add_argument("config", nargs="?", type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config.load(args.config, args.overrides)
+        is_rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
+        final = run(cfg, ConsoleProgress() if is_rank0 else None, resume=args.resume)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    if final is not None:
+        print(format_table(final))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
