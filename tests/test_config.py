@@ -77,3 +77,14 @@ def test_every_field_is_documented() -> None:
         for name, field in section.model_fields.items():
             if not (isinstance(field.annotation, type) and issubclass(field.annotation, config.Section)):
                 assert field.description, f"{section.__name__}.{name} has no docstring"
+
+
+def test_readme_documents_every_key() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    for name, field in config.Config.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, config.Section):
+            for sub in annotation.model_fields:
+                assert f"`{name}.{sub}`" in readme, f"README lacks {name}.{sub}"
+        else:
+            assert f"`{name}`" in readme, f"README lacks {name}"

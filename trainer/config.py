@@ -197,15 +197,15 @@ class Config(Section):
     """Parent directory of run directories."""
     seed: int = 0
     """Seed of model init, shard order, shuffling and mining."""
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
-    mining: MiningConfig = Field(default_factory=MiningConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    dist: DistConfig = Field(default_factory=DistConfig)
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
-    log: LogConfig = Field(default_factory=LogConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    mining: MiningConfig = MiningConfig()
+    optim: OptimConfig = OptimConfig()
+    dist: DistConfig = DistConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:

@@ -52,12 +52,10 @@ def embed_to_file(model_path: Path, input_path: Path, out: Path, side: str = "a"
     cfg = run_config(model_path, document)
     spec = InputSpec.from_dict(document["inputs"][side] or document["inputs"]["a"])
     embeddings, labels, keys = embed_input(model, spec, cfg, input_path, side, batch_size)
-    arrays: dict[str, np.ndarray] = {"embeddings": embeddings.numpy(), "keys": np.array(keys)}
-    if labels is not None:
-        arrays["labels"] = np.array(labels, dtype=np.int64)
+    optional = {} if labels is None else {"labels": np.array(labels, dtype=np.int64)}
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.stem}.tmp.npz")
-    np.savez(temporary, **arrays)
+    np.savez(temporary, embeddings=embeddings.numpy(), keys=np.array(keys), **optional)  # type: ignore[arg-type]
     os.replace(temporary, out)
     return len(keys)
 

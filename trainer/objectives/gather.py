@@ -37,10 +37,11 @@ class ProcessGroupCollective(Collective):
     def __init__(self) -> None:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.group = dist.distributed_c10d._get_default_group()
 
     def gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
         # Functional collectives carry autograd: the backward is a reduce-scatter of the gradients.
-        return functional_collectives.all_gather_single_autograd(tensor.contiguous(), 0, dist.group.WORLD)
+        return functional_collectives.all_gather_single_autograd(tensor.contiguous(), 0, self.group)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
