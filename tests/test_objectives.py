@@ -176,3 +176,51 @@ def test_mining_sees_other_workers_positives() -> None:
     out = objective(embed(model, inputs[:3]), labels[:3])
     assert out.stats["anchors_with_positive"] == 1.0
     assert out.stats["tuples"] == 3
+
+
+def _brute_force_inputs() -> tuple[torch.Tensor, torch.Tensor, list[list[float]]]:
+    gen = torch.Generator().manual_seed(3)
+    embeddings = torch.nn.functional.normalize(torch.randn(7, 3, generator=gen), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+    distance = [[float(torch.dist(a, b)) for b in embeddings] for a in embeddings]
+    return embeddings, labels, distance
+
+
+def _mean_nonzero(values: list[float]) -> float:
+    kept = [v for v in values if v > 0]
+    return sum(kept) / len(kept) if kept else 0.0
+
+
+def test_contrastive_against_hand_enumerated_pairs() -> None:
+    """PML's contrastive loss (hinge on distances, unsquared): mean of non-zero positive terms
+    max(0, d - pos_margin) plus mean of non-zero negative terms max(0, neg_margin - d), over ordered pairs."""
+    embeddings, labels, d = _brute_force_inputs()
+    pos_margin, neg_margin = 0.2, 1.1
+    n = len(labels)
+    positives = [max(0.0, d[i][j] - pos_margin)
+                 for i in range(n) for j in range(n) if i != j and labels[i] == labels[j]]
+    negatives = [max(0.0, neg_margin - d[i][j]) for i in range(n) for j in range(n) if labels[i] != labels[j]]
+    expected = _mean_nonzero(positives) + _mean_nonzero(negatives)
+    cfg = LossConfig(name="contrastive", distance="euclidean", pos_margin=pos_margin, neg_margin=neg_margin)
+    out = MetricObjective(cfg, MiningConfig(name="none"), Collective())(embeddings, labels)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_triplet_and_batch_hard_against_hand_enumerated_triplets() -> None:
+    embeddings, labels, d = _brute_force_inputs()
+    margin, n = 0.3, len(labels)
+    triplets = [(a, p, q) for a in range(n) for p in range(n) for q in range(n)
+                if a != p and labels[a] == labels[p] and labels[a] != labels[q]]
+    expected = _mean_nonzero([max(0.0, d[a][p] - d[a][q] + margin) for a, p, q in triplets])
+    cfg = LossConfig(name="triplet", distance="euclidean", margin=margin)
+    out = MetricObjective(cfg, MiningConfig(name="none"), Collective())(embeddings, labels)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    assert out.stats["tuples"] == len(triplets)
+    # Batch-hard: for each anchor, its farthest positive and nearest negative.
+    hardest = []
+    for a in range(n):
+        p = max((j for j in range(n) if j != a and labels[j] == labels[a]), key=lambda j: d[a][j])
+        q = min((j for j in range(n) if labels[j] != labels[a]), key=lambda j: d[a][j])
+        hardest.append(max(0.0, d[a][p] - d[a][q] + margin))
+    out = MetricObjective(cfg, MiningConfig(name="batch_hard"), Collective())(embeddings, labels)
+    assert out.loss.item() == pytest.approx(_mean_nonzero(hardest), rel=1e-5)
