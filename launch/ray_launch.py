@@ -20,7 +20,6 @@ QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DEDUP_LOGS": "1",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
-    "TQDM_DISABLE": "0",
 }
 
 
@@ -104,10 +103,10 @@ def launch(cfg: Config, *, address: str | None = None, resume: bool = False, ver
             progress.stop()
     finally:
         ray.shutdown()
-    return config_final_metrics(cfg.run_dir)
+    return read_final_metrics(cfg.run_dir)
 
 
-def config_final_metrics(run_dir: Path) -> dict[str, Any]:
+def read_final_metrics(run_dir: Path) -> dict[str, Any]:
     """The final metrics a finished run wrote."""
     import json
 
