@@ -62,7 +62,8 @@ class TrainLoop:
     tracker: Tracker | None
     reporter: Reporter | None
     throughput: Throughput = field(default_factory=Throughput)
-    corrupt_by_worker: dict[int, int] = field(default_factory=dict)
+    corrupt_by_worker: dict[tuple[int, int], int] = field(default_factory=dict)
+    """Corrupt samples skipped, by (epoch, DataLoader worker): each epoch's workers count from zero."""
     last_eval: dict[str, float] = field(default_factory=dict)
 
     def run(self, state: RunState) -> RunState:
@@ -94,7 +95,7 @@ class TrainLoop:
         self.engine.step()
         samples = len(batch["keys"]) * self.world_size
         self.throughput.add(samples, time.perf_counter() - started)
-        self.corrupt_by_worker[batch.get("worker", 0)] = batch.get("corrupt", 0)
+        self.corrupt_by_worker[(state.epoch, batch.get("worker", 0))] = batch.get("corrupt", 0)
         state.step += 1
         state.samples_seen += samples
         if self.rank == 0 and (state.step % self.cfg.log.every_steps == 0 or state.step == 1):
