@@ -18,7 +18,6 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 

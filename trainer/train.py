@@ -7,6 +7,7 @@ Without Ray:  torchrun --nproc_per_node 2 -m trainer.train configs/default.yaml 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = config.load(args.config, args.overrides)
-        is_rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
+        is_rank0 = int(os.environ.get("RANK", "0")) == 0
         final = run(cfg, ConsoleProgress() if is_rank0 else None, resume=args.resume)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 DeepSpeed is imported here and only here (it takes seconds to import). On CPU it runs over gloo, reusing the
 process group that Ray Train or torchrun set up. Checkpoints are loaded without unpickling arbitrary objects:
-see `SafeCheckpointEngine`.
+see `safe_checkpoint_engine`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_ste
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, total_steps, device),
         dist_init_required=False,
     )
-    engine.checkpoint_engine = SafeCheckpointEngine()
+    engine.checkpoint_engine = safe_checkpoint_engine()
     return engine
 
 
@@ -84,23 +84,21 @@ def init_distributed(cfg: Config) -> None:
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
 
 
-class SafeCheckpointEngine:
+def safe_checkpoint_engine() -> Any:
     """DeepSpeed's torch checkpoint engine, loading with `weights_only=True`.
 
     DeepSpeed 0.19 loads its own checkpoint files with `weights_only=False`, which would run any pickled code
     in them. Its files hold tensors, numbers, strings and containers, plus a few DeepSpeed classes that are
     allow-listed here by name.
     """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    def __new__(cls) -> Any:
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        def load(self, path: str, map_location: Any = None) -> Any:
+            with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
 
-        class _Safe(TorchCheckpointEngine):
-            def load(self, path: str, map_location: Any = None) -> Any:
-                with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-                    return torch.load(path, map_location=map_location, weights_only=True)
-
-        return _Safe()
+    return SafeTorchCheckpointEngine()
 
 
 def _deepspeed_safe_globals() -> list[Any]:
