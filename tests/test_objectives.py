@@ -15,11 +15,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
+from pml_reference import pml_value
 
 from trainer.config import LossConfig, MiningConfig
 from trainer.objectives.gather import Collective, ProcessGroupCollective
-from trainer.objectives.losses import build_loss, build_miner
+from trainer.objectives.memory import MemoryBank
 from trainer.objectives.objective import MetricObjective
 
 LOSSES = {
@@ -51,6 +51,14 @@ def embed(model: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(model(inputs), dim=1)
 
 
+def explicit_tuples(kind: str, rows: int) -> tuple[torch.Tensor, ...]:
+    """A local batch's own tuples: pairs over [a..., b...] or triplets over [anchor..., positive..., negative...]."""
+    if kind == "pairs":
+        return explicit_pairs(rows)
+    third = torch.arange(rows // 3)
+    return third, third + rows // 3, third + 2 * (rows // 3)
+
+
 def explicit_pairs(rows: int) -> tuple[torch.Tensor, ...]:
     """Pairs over a local batch laid out as [a_0..a_k, b_0..b_k]: (a_i, b_i), even i similar, odd i not."""
     half = rows // 2
@@ -61,28 +69,23 @@ def explicit_pairs(rows: int) -> tuple[torch.Tensor, ...]:
 
 def reference(loss_cfg: LossConfig, miner_name: str, model, inputs, labels, explicit=None):
     """Plain PML on one process: default reducer, explicit tuples plus mined tuples."""
-    embeddings = embed(model, inputs)
-    loss_fn = build_loss(loss_cfg)
-    loss_fn.set_reducer(None)  # PML's default reducer
-    miner = build_miner(MiningConfig(name=miner_name), loss_cfg.distance)
-    parts = [] if explicit is None else [explicit]
-    if miner is not None:
-        parts.append(miner(embeddings, labels))
-    tuples = None
-    if parts:
-        convert = lmu.convert_to_triplets if loss_cfg.name == "triplet" else lmu.convert_to_pairs
-        tuples = tuple(torch.cat(c) for c in zip(*[convert(p, labels) for p in parts], strict=False))
-    loss = loss_fn(embeddings, labels, tuples)
     model.zero_grad()
+    loss = pml_value(loss_cfg, MiningConfig(name=miner_name), embed(model, inputs), labels, explicit)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def chunked(cfg: LossConfig, chunk_size: int = 5) -> LossConfig:
+    """The loss config walked in chunks smaller than any test batch, so chunk boundaries are exercised."""
+    return cfg.model_copy(update={"chunk_size": chunk_size})
+
+
+@pytest.mark.parametrize("chunk_size", [5, 512])
 @pytest.mark.parametrize("loss_name,miner_name", list(itertools.product(LOSSES, MINERS)))
-def test_single_process_matches_pml(loss_name: str, miner_name: str) -> None:
+def test_single_process_matches_pml(loss_name: str, miner_name: str, chunk_size: int) -> None:
     model, inputs, labels = make_problem()
     expected_loss, expected_grads = reference(LOSSES[loss_name], miner_name, model, inputs, labels)
-    objective = MetricObjective(LOSSES[loss_name], MiningConfig(name=miner_name), Collective())
+    objective = MetricObjective(chunked(LOSSES[loss_name], chunk_size), MiningConfig(name=miner_name), Collective())
     model.zero_grad()
     out = objective(embed(model, inputs), labels)
     out.local_share.backward()
@@ -98,23 +101,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, bool]], failures) -> None:
+def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, str | None]], failures) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     collective = ProcessGroupCollective()
     try:
-        for loss_name, miner_name, pairs in cases:
+        for loss_name, miner_name, kind in cases:
             model, inputs, labels = make_problem(seed=len(loss_name) + len(miner_name))
             local = GLOBAL_BATCH // world
-            if pairs:  # each rank's local batch is [a..., b...] of its own pairs
-                explicit_global = _global_pairs(world, local)
+            # With explicit tuples each rank's local batch is laid out as its own pairs or triplets.
+            explicit_global = _global_tuples(kind, world, local) if kind else None
+            if explicit_global is not None:
+                labels = consistent_labels(labels, explicit_global)
             expected_loss, expected_grads = reference(
-                LOSSES[loss_name], miner_name, model, inputs, labels, explicit_global if pairs else None)
+                LOSSES[loss_name], miner_name, model, inputs, labels, explicit_global)
             rows = slice(rank * local, (rank + 1) * local)
-            objective = MetricObjective(LOSSES[loss_name], MiningConfig(name=miner_name), collective)
+            objective = MetricObjective(chunked(LOSSES[loss_name]), MiningConfig(name=miner_name), collective)
             model.zero_grad()
-            out = objective(embed(model, inputs[rows]), labels[rows], explicit_pairs(local) if pairs else None)
+            out = objective(embed(model, inputs[rows]), labels[rows],
+                            explicit_tuples(kind, local) if kind else None)
             (out.local_share * world).backward()
             for param in model.parameters():  # what data-parallel training does: average gradients
                 dist.all_reduce(param.grad)
@@ -123,20 +129,33 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, bool]]
             for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=False):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     except AssertionError as error:
-        failures.put(f"rank {rank} {loss_name}/{miner_name}/pairs={pairs}: {error}")
+        failures.put(f"rank {rank} {loss_name}/{miner_name}/explicit={kind}: {error}")
     finally:
         dist.destroy_process_group()
 
 
-def _global_pairs(world: int, local: int) -> tuple[torch.Tensor, ...]:
-    """The explicit pairs of every rank, in global row numbers (what one process sees)."""
-    parts = [tuple(t + r * local for t in explicit_pairs(local)) for r in range(world)]
+def _global_tuples(kind: str, world: int, local: int) -> tuple[torch.Tensor, ...]:
+    """The explicit tuples of every rank, in global row numbers (what one process sees)."""
+    parts = [tuple(t + r * local for t in explicit_tuples(kind, local)) for r in range(world)]
     return tuple(torch.cat(c) for c in zip(*parts, strict=False))
 
 
-def _run(world: int, cases: list[tuple[str, str, bool]]) -> None:
+def consistent_labels(labels: torch.Tensor, tuples: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Class ids that agree with the tuples (as the trainer's key-derived ids do): partners of a positive pair
+    share the anchor's class, negatives get the next class of 4."""
+    labels = labels.clone()
+    if len(tuples) == 3:
+        anchor, positive, negative = tuples
+        labels[positive], labels[negative] = labels[anchor], (labels[anchor] + 1) % 4
+        return labels
+    a1, p, a2, n = tuples
+    labels[p], labels[n] = labels[a1], (labels[a2] + 1) % 4
+    return labels
+
+
+def _run(world: int, cases: list, worker=_worker) -> None:
     failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), cases, failures), nprocs=world,
+    mp.start_processes(worker, args=(world, _free_port(), cases, failures), nprocs=world,
                        start_method="spawn", join=True)
     reported = []
     while not failures.empty():
@@ -145,15 +164,55 @@ def _run(world: int, cases: list[tuple[str, str, bool]]) -> None:
 
 
 def test_two_processes_match_one_for_every_loss_and_miner() -> None:
-    cases = [(loss, miner, False) for loss, miner in itertools.product(LOSSES, MINERS)]
-    cases += [(loss, miner, True) for loss in ("contrastive", "triplet", "infonce")
-              for miner in ("none", "batch_hard", "multi_similarity")]
-    _run(2, cases)
+    """Every loss × miner, on labels alone and with explicit pairs or triplets from the shards."""
+    _run(2, list(itertools.product(LOSSES, MINERS, [None, "pairs", "triplets"])))
 
 
 def test_three_processes_match_one() -> None:
-    _run(3, [("triplet", "semi_hard", False), ("multi_similarity", "multi_similarity", False),
-             ("supcon", "none", False), ("contrastive", "none", True)])
+    _run(3, [("triplet", "semi_hard", None), ("multi_similarity", "multi_similarity", None),
+             ("supcon", "none", None), ("contrastive", "none", "pairs"), ("infonce", "batch_hard", "triplets")])
+
+
+def _memory_worker(rank: int, world: int, port: int, cases: list[tuple[str, str]], failures) -> None:
+    """Three steps with a cross-batch memory: every rank's loss and averaged gradients equal one process's."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        for loss_name, miner_name in cases:
+            memory_cfg = {"memory_size": 40, "memory_start_step": 1}
+            single = MetricObjective(LOSSES[loss_name], MiningConfig(name=miner_name), Collective(),
+                                     MemoryBank(40, start_step=1))
+            spread = MetricObjective(chunked(LOSSES[loss_name]), MiningConfig(name=miner_name, **memory_cfg),
+                                     ProcessGroupCollective(), MemoryBank(40, start_step=1))
+            for step in range(3):
+                model, inputs, labels = make_problem(seed=10 + step)
+                model.zero_grad()
+                expected = single(embed(model, inputs), labels)
+                expected.local_share.backward()
+                expected_grads = [p.grad.clone() for p in model.parameters()]
+                local = GLOBAL_BATCH // world
+                rows = slice(rank * local, (rank + 1) * local)
+                model.zero_grad()
+                out = spread(embed(model, inputs[rows]), labels[rows])
+                (out.local_share * world).backward()
+                for param in model.parameters():
+                    dist.all_reduce(param.grad)
+                    param.grad /= world
+                torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
+                for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=True):
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(spread.memory.embeddings, single.memory.embeddings)
+            assert single.memory.steps == 3 and len(single.memory.embeddings) == 40
+    except AssertionError as error:
+        failures.put(f"rank {rank} {loss_name}/{miner_name}/memory: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_with_cross_batch_memory_match_one() -> None:
+    _run(2, [("multi_similarity", "multi_similarity"), ("triplet", "batch_hard"), ("supcon", "none")],
+         worker=_memory_worker)
 
 
 def test_mining_sees_other_workers_positives() -> None:

@@ -1,6 +1,7 @@
 """Checkpoints and the state contract of a run.
 
-Layout: `<run_dir>/checkpoints/step_00000120/` holds every rank's DeepSpeed files and, written last by rank 0
+Layout: `<run_dir>/checkpoints/step_00000120/` holds every rank's DeepSpeed files, the cross-batch memory
+(`memory.safetensors`, identical on every rank, written by rank 0) when it is on, and, written last by rank 0
 once all ranks have finished, `run_state.json`. A checkpoint is complete only when that file exists, so
 "latest" is the newest directory that has it; older complete checkpoints beyond `keep_last` are removed.
 Nothing here unpickles: run state is JSON and DeepSpeed files load with `weights_only=True` (engine.py).
@@ -16,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from trainer.errors import CheckpointError
+from trainer.objectives.memory import MemoryBank
 
 STATE_FILE = "run_state.json"
+MEMORY_FILE = "memory.safetensors"
 
 
 @dataclass
@@ -65,13 +70,16 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save(engine: Any, run_dir: Path, state: RunState, keep_last: int, rank: int) -> Path:
+def save(engine: Any, run_dir: Path, state: RunState, keep_last: int, rank: int,
+         memory: MemoryBank | None = None) -> Path:
     """Save on every rank (DeepSpeed's save is collective), then mark complete and prune on rank 0."""
     tag = f"step_{state.step:08d}"
     engine.save_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, save_latest=False)
+    target = checkpoints_dir(run_dir) / tag
+    if rank == 0 and memory is not None:
+        save_file(memory.state_dict(), target / MEMORY_FILE)
     if dist.is_initialized():
         dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
-    target = checkpoints_dir(run_dir) / tag
     if rank == 0:
         write_json_atomic(target / STATE_FILE, asdict(state))
         for old in complete_checkpoints(run_dir)[:-keep_last]:
@@ -81,15 +89,28 @@ def save(engine: Any, run_dir: Path, state: RunState, keep_last: int, rank: int)
     return target
 
 
-def load(engine: Any, run_dir: Path) -> RunState:
-    """Restore DeepSpeed state from the newest complete checkpoint and return the run state."""
+def load(engine: Any, run_dir: Path, memory: MemoryBank | None = None) -> RunState:
+    """Restore DeepSpeed state (and the memory bank) from the newest complete checkpoint; return the run state."""
     found = latest_checkpoint(run_dir)
     if found is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from under {checkpoints_dir(run_dir)}")
     loaded, _ = engine.load_checkpoint(str(found.parent), tag=found.name, load_module_strict=True)
     if loaded is None:
         raise CheckpointError(f"{found}: DeepSpeed could not load this checkpoint")
+    if memory is not None:
+        load_memory(memory, found / MEMORY_FILE)
     return RunState.from_json(found / STATE_FILE)
+
+
+def load_memory(memory: MemoryBank, path: Path) -> None:
+    """Restore the cross-batch memory saved with a checkpoint."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: no {MEMORY_FILE}; this checkpoint was saved without "
+                              f"mining.memory_size, so it cannot resume a run that uses the memory")
+    try:
+        memory.load_state_dict(load_file(path))
+    except (SafetensorError, KeyError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable memory bank ({error})") from None
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

@@ -98,6 +98,8 @@ class LossConfig(Section):
     """Multi-similarity: weight of negative pairs."""
     base: float = 0.5
     """Multi-similarity: similarity offset."""
+    chunk_size: int = Field(512, ge=1)
+    """Anchors per chunk of loss + mining: memory is a few chunk_size × global-batch matrices, whatever the batch."""
 
 
 class MiningConfig(Section):
@@ -109,6 +111,10 @@ class MiningConfig(Section):
     """Semi-hard: margin of the triplet condition."""
     epsilon: float = 0.1
     """Multi-similarity miner: slack of the hard-pair condition."""
+    memory_size: int = Field(0, ge=0)
+    """Cross-batch memory (XBM): embeddings of past global batches kept as extra references (0 = off)."""
+    memory_start_step: int = Field(0, ge=0)
+    """Steps before the memory is used (it fills from the start); early embeddings drift fast."""
 
 
 class OptimConfig(Section):

@@ -25,6 +25,7 @@ from trainer.engine.loop import TrainLoop
 from trainer.errors import UserError
 from trainer.models.export import export_model
 from trainer.objectives.gather import default_collective
+from trainer.objectives.memory import MemoryBank
 from trainer.objectives.objective import MetricObjective
 from trainer.progress import ConsoleProgress, Reporter, format_table
 from trainer.tracking import start_tracker
@@ -39,9 +40,10 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     device = resolve_device(cfg)
     plan = plan_run(cfg, world)
     engine = build_engine(build_run_model(cfg, plan), cfg, world, plan.total_steps, device)
-    objective = MetricObjective(cfg.loss, cfg.mining, default_collective())
+    memory = MemoryBank(cfg.mining.memory_size, cfg.mining.memory_start_step) if cfg.mining.memory_size else None
+    objective = MetricObjective(cfg.loss, cfg.mining, default_collective(), memory)
     run_dir = cfg.run_dir
-    state = checkpoint.load(engine, run_dir) if resume else RunState()
+    state = checkpoint.load(engine, run_dir, memory) if resume else RunState()
     tracker = None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,27 +1,32 @@
 """The metric-learning objective over the global batch: local anchors against the references of all workers.
 
-Each worker embeds its local batch (B_local rows), gathers every worker's rows with autograd (B_global
-references), mines over the global batch and computes the loss of its own anchors against all references, so
-its similarity matrix is B_local × B_global. The loss terms are reduced with global counts: the workers'
-shares add up to exactly the loss one process would compute on the whole global batch, and so do their
-gradients (the train step multiplies by the world size to undo data-parallel gradient averaging).
+Each worker embeds its local batch (B_local rows) and gathers every worker's rows with autograd (B_global
+references, plus the cross-batch memory when it is on). It then walks its anchors in chunks of
+`loss.chunk_size`: a chunk's distances to all references ([chunk, R], never B_local × R), PML's mining decided
+row by row (selection.py), the loss terms (terms.py), and the gradient of those terms with respect to the
+chunk and the references, right away. Only the gradients (B_local × d and R × d) outlive a chunk, so the
+memory of loss + mining is bounded by the chunk size, not the global batch.
+
+The terms are reduced with global counts: the workers' shares add up to exactly the loss one process would
+compute on the whole global batch, and so do their gradients (the train step multiplies by the world size to
+undo data-parallel gradient averaging).
 
 Index tuples follow PML: pairs are (anchor, positive, anchor, negative), triplets (anchor, positive,
-negative); anchors index the local batch, positives/negatives the global references.
+negative); explicit tuples index the local batch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
 from trainer.config import LossConfig, MiningConfig
 from trainer.objectives.gather import Collective
-from trainer.objectives.losses import build_loss, build_miner, reduction_of, wants_triplets
-
-IndexTuple = tuple[torch.Tensor, ...]
+from trainer.objectives.memory import MemoryBank
+from trainer.objectives.selection import Block, IndexTuple, Part, everything, explicit_part, mine
+from trainer.objectives.terms import BlockLoss
 
 
 @dataclass
@@ -33,126 +38,165 @@ class ObjectiveOutput:
     loss: torch.Tensor
     """The global loss, equal on every worker (detached)."""
     stats: dict[str, float] = field(default_factory=dict)
-    """Counters worth logging: tuples used, anchors that had a positive in the global batch."""
+    """Global counters worth logging: tuples used, fraction of anchors with a positive among the references."""
+
+
+@dataclass
+class _Accumulated:
+    """Per-component sums, counts and gradients over the chunks of one step."""
+
+    anchors: torch.Tensor
+    references: torch.Tensor
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    anchor_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    reference_grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    tuples: dict[str, torch.Tensor] = field(default_factory=dict)
+    with_positive: int = 0
+
+    def add(self, table: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        table[name] = table[name] + value if name in table else value
+
+    def add_gradients(self, name: str, rows: slice, anchors: torch.Tensor, references: torch.Tensor) -> None:
+        if name not in self.anchor_grads:
+            self.anchor_grads[name] = torch.zeros_like(self.anchors)
+            self.reference_grads[name] = torch.zeros_like(self.references)
+        self.anchor_grads[name][rows] += anchors
+        self.reference_grads[name] += references
 
 
 class MetricObjective:
-    """Loss + miner from the config, evaluated for local anchors against the global batch."""
+    """Loss + miner from the config, evaluated for local anchors against the global batch (and memory)."""
 
-    def __init__(self, loss_cfg: LossConfig, mining_cfg: MiningConfig, collective: Collective) -> None:
-        self.loss_fn = build_loss(loss_cfg)
-        self.miner = build_miner(mining_cfg, loss_cfg.distance)
-        self.reduction = reduction_of(self.loss_fn)
+    def __init__(self, loss_cfg: LossConfig, mining_cfg: MiningConfig, collective: Collective,
+                 memory: MemoryBank | None = None) -> None:
+        self.loss = BlockLoss(loss_cfg)
+        self.mining_cfg = mining_cfg
+        self.chunk_size = loss_cfg.chunk_size
         self.collective = collective
+        self.memory = memory
 
-    def __call__(
-        self, embeddings: torch.Tensor, labels: torch.Tensor, explicit: IndexTuple | None = None
-    ) -> ObjectiveOutput:
+    def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                 explicit: IndexTuple | None = None) -> ObjectiveOutput:
         """Loss of `embeddings` (local rows) with `labels`; `explicit` tuples index the local batch."""
         embeddings = embeddings.float()
-        references = self.collective.gather_with_grad(embeddings)
-        reference_labels = self.collective.gather(labels)
-        self_index = self.collective.rank * len(embeddings) + torch.arange(len(embeddings), device=labels.device)
-        tuples = self._select_tuples(references, labels, reference_labels, self_index, explicit)
-        terms = self.loss_fn(embeddings, labels, tuples, references, reference_labels)
-        local_share, loss = self._reduce_globally(terms, embeddings)
-        # The backward of the gather is a collective: keep it in every worker's graph, even when this
-        # worker's anchors produced no loss terms, or the other workers would wait for it forever.
-        local_share = local_share + 0.0 * references.sum()
-        stats = {
-            "tuples": float(len(tuples[0])),
-            "anchors_with_positive": positive_fraction(labels, reference_labels, self_index),
-        }
-        return ObjectiveOutput(local_share, loss, stats)
-
-    def _select_tuples(
-        self,
-        references: torch.Tensor,
-        labels: torch.Tensor,
-        reference_labels: torch.Tensor,
-        self_index: torch.Tensor,
-        explicit: IndexTuple | None,
-    ) -> IndexTuple:
-        offset = int(self_index[0]) if len(self_index) else 0
-        parts: list[IndexTuple] = []
+        gathered = self.collective.gather_with_grad(embeddings)
+        gathered_labels = self.collective.gather(labels)
+        references, reference_labels = gathered, gathered_labels
+        if self.memory is not None and self.memory.ready:
+            references = torch.cat([gathered, self.memory.embeddings.to(gathered.device)])
+            reference_labels = torch.cat([gathered_labels, self.memory.labels.to(labels.device)])
+        offset = self.collective.rank * len(embeddings)
         if explicit is not None:
-            parts.append(shift_references(explicit, offset))
-        if self.miner is not None:
-            # Mining runs over the whole global batch (no autograd), exactly as on one process; only the
-            # tuples anchored on this worker's rows are kept.
-            mined = self.miner(references.detach(), reference_labels)
-            parts.append(keep_local_anchors(mined, offset, len(labels)))
-        if explicit is None and self.miner is None:
-            parts.append(all_triplets(labels, reference_labels, self_index) if wants_triplets(self.loss_fn)
-                         else all_pairs(labels, reference_labels, self_index))
-        converted = [self._as_loss_tuple(part, labels, reference_labels) for part in parts]
-        return tuple(torch.cat(column) for column in zip(*converted, strict=False))
+            explicit = shift_partners(explicit, offset)
+        distance = self.loss.distance
+        results: dict[str, torch.Tensor] = {}
 
-    def _as_loss_tuple(self, part: IndexTuple, labels: torch.Tensor, reference_labels: torch.Tensor) -> IndexTuple:
-        if wants_triplets(self.loss_fn):
-            return tuple(lmu.convert_to_triplets(part, labels, reference_labels))
-        return tuple(lmu.convert_to_pairs(part, labels, reference_labels))
+        def evaluate(anchors: torch.Tensor, refs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            acc = _Accumulated(anchors, refs)
+            refs = refs.detach().requires_grad_()
+            for start in range(0, len(anchors), self.chunk_size):
+                rows = slice(start, min(start + self.chunk_size, len(anchors)))
+                chunk = anchors[rows].detach().requires_grad_()
+                self._chunk(chunk, refs, labels[rows], reference_labels, offset + start, explicit, rows, acc)
+            return self._reduce(acc, len(labels), results)
 
-    def _reduce_globally(self, terms: dict, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, counts = [], []
-        for component in terms.values():
-            values = component["losses"]
-            if not torch.is_tensor(values) or values.numel() == 0:
-                values = embeddings.new_zeros(0)
-            kept = values > 0 if self.reduction == "mean_nonzero" else torch.ones_like(values, dtype=torch.bool)
-            sums.append((values * kept).sum())
-            counts.append(kept.sum().to(embeddings.dtype))
-        global_counts = self.collective.sum(torch.stack(counts)).clamp(min=1)
-        local_share = (torch.stack(sums) / global_counts).sum()
-        loss = (self.collective.sum(torch.stack(sums).detach()) / global_counts).sum()
-        return local_share, loss
+        share = _BlockwiseLoss.apply(distance.maybe_normalize(embeddings), distance.maybe_normalize(references),
+                                     evaluate)
+        # The backward of the gather is a collective: keep it in every worker's graph, even when this worker's
+        # anchors produced no loss terms, or the other workers would wait for it forever.
+        share = share + 0.0 * gathered.sum()
+        if self.memory is not None:
+            self.memory.enqueue(gathered.detach(), gathered_labels)
+        loss = results.pop("loss")
+        return ObjectiveOutput(share, loss, {name: float(value) for name, value in results.items()})
+
+    def _chunk(self, anchors: torch.Tensor, references: torch.Tensor, labels: torch.Tensor,
+               reference_labels: torch.Tensor, first: int, explicit: IndexTuple | None, rows: slice,
+               acc: _Accumulated) -> None:
+        """Mine, compute the terms and their gradients for one chunk of anchors; keep only the gradients."""
+        with torch.enable_grad():
+            mat = self.loss.distance.compute_mat(anchors, references)
+        leaf = mat.detach().requires_grad_()
+        block = _block(mat.detach(), labels, reference_labels, first, self.loss.distance.is_inverted)
+        acc.with_positive += int(block.positive.any(dim=1).sum())
+        grad_mats: dict[str, torch.Tensor] = {}
+        with torch.enable_grad():
+            for piece in self.loss.pieces(leaf, block, self._parts(block, explicit, rows)):
+                for kind, count in piece.tuples.items():
+                    acc.add(acc.tuples, kind, count.detach())
+                for name, (total, count) in piece.terms.items():
+                    acc.add(acc.sums, name, total.detach())
+                    acc.add(acc.counts, name, count.detach().to(total.dtype))
+                    if total.requires_grad:
+                        acc.add(grad_mats, name, torch.autograd.grad(total, leaf, retain_graph=True)[0])
+            for name, grad_mat in grad_mats.items():
+                grad_anchors, grad_references = torch.autograd.grad(mat, (anchors, references), grad_mat,
+                                                                    retain_graph=True)
+                acc.add_gradients(name, rows, grad_anchors, grad_references)
+
+    def _parts(self, block: Block, explicit: IndexTuple | None, rows: slice) -> list[Part]:
+        """The chunk's selections: the shard's explicit tuples, then mined ones; every pair if neither."""
+        parts: list[Part] = []
+        if explicit is not None:
+            parts.append(explicit_part(explicit, rows.start, rows.stop, block))
+        mined = mine(block, self.mining_cfg)
+        if mined is not None:
+            parts.append(mined)
+        return parts or [everything(block, self.loss.triplets)]
+
+    def _reduce(self, acc: _Accumulated, local_rows: int, results: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Global counts → this worker's share of the loss and its gradients; fills `results` (loss, stats)."""
+        names, kinds = self.loss.components, self.loss.tuple_kinds
+        zero = acc.anchors.new_zeros(())
+        local = torch.stack([acc.sums.get(n, zero) for n in names] + [acc.counts.get(n, zero) for n in names]
+                            + [acc.tuples.get(k, zero).to(zero.dtype) for k in kinds]
+                            + [zero + acc.with_positive, zero + local_rows])
+        total = self.collective.sum(local)  # one collective, laid out the same on every worker
+        sums, counts = total[:len(names)], total[len(names):2 * len(names)].clamp(min=1)
+        tuples = dict(zip(kinds, total[2 * len(names):-2], strict=True))
+        active = float(self.loss.active(tuples))
+        share, grad_anchors, grad_references = zero.clone(), torch.zeros_like(acc.anchors), \
+            torch.zeros_like(acc.references)
+        for name, count in zip(names, counts, strict=True):
+            scale = active / count
+            share += acc.sums.get(name, zero) * scale
+            if name in acc.anchor_grads:  # a worker whose chunks had no terms of it has no gradient
+                grad_anchors += acc.anchor_grads[name] * scale
+                grad_references += acc.reference_grads[name] * scale
+        results["loss"] = (sums / counts).sum() * active
+        results["tuples"] = sum(tuples.values(), zero)
+        results["anchors_with_positive"] = total[-2] / total[-1].clamp(min=1)
+        return share, grad_anchors, grad_references
 
 
-def shift_references(tuples: IndexTuple, offset: int) -> IndexTuple:
+class _BlockwiseLoss(torch.autograd.Function):
+    """Autograd node whose forward computes the loss and its input gradients chunk by chunk (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, anchors: torch.Tensor, references: torch.Tensor,  # type: ignore[override]
+                evaluate: Callable) -> torch.Tensor:
+        share, grad_anchors, grad_references = evaluate(anchors, references)
+        ctx.save_for_backward(grad_anchors, grad_references)
+        return share
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        grad_anchors, grad_references = ctx.saved_tensors
+        return grad_anchors * grad_output, grad_references * grad_output, None
+
+
+def _block(mat: torch.Tensor, labels: torch.Tensor, reference_labels: torch.Tensor, first: int,
+           inverted: bool) -> Block:
+    same = labels[:, None] == reference_labels[None, :]
+    negative = ~same
+    rows = torch.arange(len(labels), device=labels.device)
+    same[rows, first + rows] = False  # an anchor is never its own positive
+    return Block(mat, same, negative, inverted)
+
+
+def shift_partners(tuples: IndexTuple, offset: int) -> IndexTuple:
     """Local-batch tuples → anchors stay local, partners become positions among the global references."""
     anchors_at = (0,) if len(tuples) == 3 else (0, 2)
     return tuple(t if i in anchors_at else t + offset for i, t in enumerate(tuples))
-
-
-def keep_local_anchors(tuples: IndexTuple, offset: int, size: int) -> IndexTuple:
-    """Global-batch tuples → those anchored in rows [offset, offset+size), anchors renumbered locally."""
-    if len(tuples) == 3:
-        a, p, n = tuples
-        keep = (a >= offset) & (a < offset + size)
-        return a[keep] - offset, p[keep], n[keep]
-    a1, p, a2, n = tuples
-    keep_pos = (a1 >= offset) & (a1 < offset + size)
-    keep_neg = (a2 >= offset) & (a2 < offset + size)
-    return a1[keep_pos] - offset, p[keep_pos], a2[keep_neg] - offset, n[keep_neg]
-
-
-def _match_masks(
-    labels: torch.Tensor, reference_labels: torch.Tensor, self_index: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    matches = labels[:, None] == reference_labels[None, :]
-    differs = ~matches
-    matches[torch.arange(len(labels), device=labels.device), self_index] = False
-    return matches, differs
-
-
-def all_pairs(labels: torch.Tensor, reference_labels: torch.Tensor, self_index: torch.Tensor) -> IndexTuple:
-    """Every positive and negative pair of local anchors against the references, without self-pairs."""
-    matches, differs = _match_masks(labels, reference_labels, self_index)
-    a1, p = torch.where(matches)
-    a2, n = torch.where(differs)
-    return a1, p, a2, n
-
-
-def all_triplets(labels: torch.Tensor, reference_labels: torch.Tensor, self_index: torch.Tensor) -> IndexTuple:
-    """Every (anchor, positive, negative) triplet of local anchors against the references, without self."""
-    matches, differs = _match_masks(labels, reference_labels, self_index)
-    a, p, n = torch.where(matches[:, :, None] & differs[:, None, :])
-    return a, p, n
-
-
-def positive_fraction(labels: torch.Tensor, reference_labels: torch.Tensor, self_index: torch.Tensor) -> float:
-    """Fraction of local anchors with at least one positive (other than themselves) in the global batch."""
-    if len(labels) == 0:
-        return 0.0
-    matches, _ = _match_masks(labels, reference_labels, self_index)
-    return float(matches.any(dim=1).float().mean())
