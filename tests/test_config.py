@@ -88,3 +88,10 @@ def test_readme_documents_every_key() -> None:
                 assert f"`{name}.{sub}`" in readme, f"README lacks {name}.{sub}"
         else:
             assert f"`{name}`" in readme, f"README lacks {name}"
+
+
+def test_feature_cache_allows_micro_batches() -> None:
+    cfg = config.load(None, ["optim.feature_cache=true", "optim.gradient_accumulation_steps=4"])
+    assert cfg.optim.gradient_accumulation_steps == 4
+    with pytest.raises(ConfigError, match="optim.gradient_accumulation_steps: 65 micro-batches cannot split"):
+        config.load(None, ["optim.feature_cache=true", "optim.gradient_accumulation_steps=65"])

@@ -135,7 +135,9 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, ge=0.0)
     """Global gradient-norm clipping (0 disables it)."""
     gradient_accumulation_steps: int = Field(1, ge=1)
-    """DeepSpeed micro-batches per step; more than 1 shrinks the pool of in-batch negatives."""
+    """Micro-batches per step; needs `feature_cache`, so the loss still sees the whole batch as negatives."""
+    feature_cache: bool = False
+    """GradCache: embed the step's batch in micro-batches without grad, take the loss on all of it, replay each."""
 
 
 class DistConfig(Section):
@@ -218,10 +220,14 @@ class Config(Section):
         if self.loss.name in ("supcon", "infonce", "multi_similarity") and self.loss.distance != "cosine":
             raise ValueError(f"loss.distance: {self.loss.name} is defined on cosine similarity, not "
                              f"{self.loss.distance}; set loss.distance=cosine")
-        if self.optim.gradient_accumulation_steps > 1:
+        if self.optim.gradient_accumulation_steps > 1 and not self.optim.feature_cache:
             raise ValueError("optim.gradient_accumulation_steps: every supported loss uses in-batch negatives, "
-                             "and DeepSpeed's accumulation would shrink each step's pool of negatives to one "
-                             "micro-batch; raise data.batch_size or dist.workers instead")
+                             "and plain gradient accumulation would shrink each step's pool of negatives to one "
+                             "micro-batch; set optim.feature_cache=true to embed the batch in micro-batches while "
+                             "the loss still sees all of it")
+        if self.optim.gradient_accumulation_steps > self.data.batch_size:
+            raise ValueError(f"optim.gradient_accumulation_steps: {self.optim.gradient_accumulation_steps} "
+                             f"micro-batches cannot split a data.batch_size of {self.data.batch_size}")
         if self.model.encoder_b is not None and self.model.architecture == "siamese":
             raise ValueError("model.encoder_b: a siamese model has one shared tower; set "
                              "model.architecture=pseudo_siamese to give tower B its own encoder")

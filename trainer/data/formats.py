@@ -36,6 +36,12 @@ class TextBatch:
     def to(self, device: torch.device | str) -> TextBatch:
         return TextBatch(self.ids.to(device), self.offsets.to(device))
 
+    def rows(self, start: int, stop: int) -> TextBatch:
+        """Texts [start, stop) as a batch of their own."""
+        begin = int(self.offsets[start]) if start < len(self) else int(self.ids.numel())
+        end = int(self.offsets[stop]) if stop < len(self) else int(self.ids.numel())
+        return TextBatch(self.ids[begin:end], self.offsets[start:stop] - begin)
+
     @staticmethod
     def collate(rows: list[np.ndarray]) -> TextBatch:
         lengths = [len(row) for row in rows]

@@ -36,8 +36,10 @@ def deepspeed_config(cfg: Config, world_size: int, total_steps: int, device: tor
     """The DeepSpeed config generated from the run config, with `dist.deepspeed` merged over it."""
     generated: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.optim.gradient_accumulation_steps,
-        "train_batch_size": cfg.data.batch_size * world_size * cfg.optim.gradient_accumulation_steps,
+        # The feature cache replays micro-batches itself and owns the accumulation boundary (engine.step()).
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": not cfg.optim.feature_cache,
+        "train_batch_size": cfg.data.batch_size * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.dist.zero_stage},
         "bf16": {"enabled": uses_bf16(cfg, device)},

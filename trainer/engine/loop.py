@@ -16,6 +16,7 @@ from trainer import checkpoint
 from trainer.checkpoint import RunState
 from trainer.config import Config
 from trainer.data.stream import train_batches
+from trainer.engine.cache import cached_step
 from trainer.engine.evaluate import evaluate
 from trainer.engine.step import embed_batch
 from trainer.objectives.objective import MetricObjective
@@ -88,11 +89,15 @@ class TrainLoop:
     def _step(self, batch: dict, state: RunState) -> None:
         started = time.perf_counter()
         dtype = next(self.engine.module.parameters()).dtype
-        embedded = embed_batch(self.engine, batch, self.kind, self.device, dtype)
-        out = self.objective(embedded.embeddings, embedded.labels, embedded.explicit)
-        # Each worker's share sums to the global loss; DeepSpeed averages gradients over workers, so scale back.
-        self.engine.backward(out.local_share * self.world_size)
-        self.engine.step()
+        if self.cfg.optim.feature_cache:
+            out = cached_step(self.engine, batch, self.kind, self.device, dtype, self.objective,
+                              self.cfg.optim.gradient_accumulation_steps, self.world_size)
+        else:
+            embedded = embed_batch(self.engine, batch, self.kind, self.device, dtype)
+            out = self.objective(embedded.embeddings, embedded.labels, embedded.explicit)
+            # Each worker's share sums to the global loss; DeepSpeed averages gradients over workers: scale back.
+            self.engine.backward(out.local_share * self.world_size)
+            self.engine.step()
         samples = len(batch["keys"]) * self.world_size
         self.throughput.add(samples, time.perf_counter() - started)
         self.corrupt_by_worker[(state.epoch, batch.get("worker", 0))] = batch.get("corrupt", 0)
@@ -127,7 +132,8 @@ class TrainLoop:
     def _save(self, state: RunState) -> None:
         if self.tracker is not None:
             state.tracker_id = self.tracker.run_id
-        checkpoint.save(self.engine, self.run_dir, state, self.cfg.checkpoint.keep_last, self.rank)
+        checkpoint.save(self.engine, self.run_dir, state, self.cfg.checkpoint.keep_last, self.rank,
+                        self.objective.memory)
 
     def _finish(self, state: RunState) -> None:
         self._evaluate(state.step)

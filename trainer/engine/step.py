@@ -38,11 +38,16 @@ def move_inputs(inputs: torch.Tensor | TextBatch, device: torch.device, dtype: t
 def embed_batch(model: torch.nn.Module, batch: dict, kind: str, device: torch.device,
                 dtype: torch.dtype) -> EmbeddedBatch:
     """Run every view of `batch` through its tower; build labels and the shard's explicit tuples."""
-    views = KIND_VIEWS[kind]
-    embeddings = torch.cat([model(move_inputs(batch["views"][v], device, dtype), TOWER_SIDE[v]) for v in views])
+    embeddings = embed_views(model, batch, kind, device, dtype)
     size = len(batch["keys"])
     labels = stacked_labels(batch, kind, size).to(device)
     return EmbeddedBatch(embeddings, labels, explicit_tuples(batch, kind, size, device))
+
+
+def embed_views(model: torch.nn.Module, batch: dict, kind: str, device: torch.device,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Embeddings of every view of `batch`, stacked view-major in `KIND_VIEWS` order."""
+    return torch.cat([model(move_inputs(batch["views"][v], device, dtype), TOWER_SIDE[v]) for v in KIND_VIEWS[kind]])
 
 
 def stacked_labels(batch: dict, kind: str, size: int) -> torch.Tensor:
