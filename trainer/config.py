@@ -50,6 +50,29 @@ class DataConfig(Section):
     """Hash buckets of the text encoder's n-gram vocabulary."""
     text_ngrams: tuple[int, int] = Field((1, 3), strict=False)
     """Smallest and largest character n-gram length hashed for text fields."""
+    classes_per_batch: int | None = Field(None, ge=2)
+    """P of P×K training batches: classes per local batch, from labeled shards (null: batches in stream order)."""
+    samples_per_class: int = Field(2, ge=2)
+    """K of P×K training batches: samples of each chosen class; batch_size must equal P × K."""
+    class_buffer: int | None = Field(None, ge=2)
+    """Most samples one loader worker buffers for P×K batches (null: 8 × batch_size); overflow is dropped."""
+
+    @model_validator(mode="after")
+    def _check_class_balance(self) -> DataConfig:
+        if self.classes_per_batch is None:
+            if self.class_buffer is not None:
+                raise ValueError("data.class_buffer: only P×K batches use it; set data.classes_per_batch too, or "
+                                 "remove data.class_buffer")
+            return self
+        product = self.classes_per_batch * self.samples_per_class
+        if self.batch_size != product:
+            raise ValueError(f"data.batch_size: P×K batches hold data.classes_per_batch × data.samples_per_class = "
+                             f"{self.classes_per_batch} × {self.samples_per_class} = {product} samples, but "
+                             f"data.batch_size is {self.batch_size}; set data.batch_size={product}")
+        if self.class_buffer is not None and self.class_buffer < product:
+            raise ValueError(f"data.class_buffer: {self.class_buffer} cannot hold one P×K batch of {product} "
+                             f"samples; set it to at least {product} (null: 8 × data.batch_size)")
+        return self
 
 
 class ModelConfig(Section):

@@ -3,7 +3,8 @@
 Training (`train_batches`): `plan_epoch` shuffles the shard list with (seed, epoch) and assigns whole shards to
 world_size × loader_workers slots, from index.json alone, so every rank agrees on the same number of batches
 without reading data (unequal counts hang DeepSpeed's collectives). Each slot streams its own shards:
-tar members → seeded shuffle buffer → explicit decode of the declared members → full batches. The stream depends
+tar members → seeded shuffle buffer → explicit decode of the declared members → full batches, or, with
+data.classes_per_batch, class-balanced batches of P classes × K samples (trainer.data.balance). The stream depends
 only on (seed, epoch, rank, worker), so an epoch can be replayed or resumed exactly.
 
 Evaluation (`eval_batches`): every sample once, in index order, last partial batch kept.
@@ -21,11 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import io
 import logging
 import random
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ import webdataset as wds
 from PIL import Image
 
 from trainer.config import DataConfig
+from trainer.data.balance import ClassBalancedBatches, check_balanced_shards
 from trainer.data.formats import ShardIndex, ShardInfo, TextBatch, ViewSpec, cls_member, hash_ngrams, read_index
 from trainer.errors import DataError
 
@@ -124,7 +127,11 @@ def _too_few_shards(index: ShardIndex, plan: EpochPlan, rank: int) -> str:
 
 def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
                   skip_batches: int = 0) -> Iterator[Batch]:
-    """Exactly `plan.batches_per_rank` training batches of this rank (the first `skip_batches` discarded)."""
+    """Exactly `plan.batches_per_rank` training batches of this rank (the first `skip_batches` discarded).
+
+    P×K batches keep this count, so the run's step count (planned from `plan_epoch` alone) does not change; a
+    pass yields fewer of them (classes short of K at the end are unused), and `_take` tops the rank up.
+    """
     index = read_index(shard_dir)
     try:
         plan = plan_epoch(index, seed=seed, epoch=epoch, world_size=world_size,
@@ -133,39 +140,51 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
         raise DataError(f"{shard_dir}: {error}") from None
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
-    pipeline = _pipeline(Path(shard_dir), index, cfg, plan.slots[rank], cfg.batch_size, partial=False,
-                         shuffle=_SeededShuffle(cfg.shuffle_buffer, seed, epoch, rank) if cfg.shuffle_buffer else None)
-    loader = torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers)
-    return _take(loader, plan.batches_per_rank, skip_batches, f"{shard_dir} (rank {rank}, epoch {epoch})")
+    check_balanced_shards(index, cfg, shard_dir)
+
+    def open_pass(number: int) -> torch.utils.data.DataLoader:
+        pipeline = _pipeline(Path(shard_dir), index, cfg, plan.slots[rank], cfg.batch_size,
+                             stream=_StreamSeed(seed, epoch, rank, number))
+        return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers)
+
+    return _take(open_pass, plan.batches_per_rank, skip_batches, f"{shard_dir} (rank {rank}, epoch {epoch})",
+                 balanced=cfg.classes_per_batch is not None)
 
 
 def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int) -> Iterator[Batch]:
     """Every sample of the shard set once, in index order, unshuffled, the last partial batch kept."""
     index = read_index(shard_dir)
     files = tuple(shard.file for shard in index.shards)
-    pipeline = _pipeline(Path(shard_dir), index, cfg, (files,), batch_size, partial=True, shuffle=None)
+    pipeline = _pipeline(Path(shard_dir), index, cfg, (files,), batch_size, stream=None)
     return _worker_batches(pipeline)
 
 
 def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, slots: tuple[tuple[str, ...], ...],
-              batch_size: int, *, partial: bool, shuffle: _SeededShuffle | None) -> wds.DataPipeline:
-    state = _WorkerState(cfg.on_corrupt)
+              batch_size: int, *, stream: _StreamSeed | None) -> wds.DataPipeline:
+    state = _WorkerState(cfg.on_corrupt, rank=stream.rank if stream is not None else 0)
+    collate = BatchCollator(index, state)
+    if stream is not None and cfg.classes_per_batch is not None:
+        batch: Any = ClassBalancedBatches(cfg, collate, functools.partial(stream.rng, "classes"), state.slot)
+    else:
+        batch = wds.batched(batch_size, collation_fn=collate, partial=stream is None)
     return wds.DataPipeline(
         _SlotShards(directory, slots, state),
         wds.tarfile_to_samples(handler=state.tar_error, select_files=_DeclaredMembers(index.members())),
-        shuffle,
+        functools.partial(stream.shuffle, cfg.shuffle_buffer) if stream and cfg.shuffle_buffer else None,
         wds.map(SampleDecoder(index, cfg, state)),
-        wds.batched(batch_size, collation_fn=BatchCollator(index, state), partial=partial),
+        batch,
     )
 
 
-def _take(loader: torch.utils.data.DataLoader, count: int, skip: int, where: str) -> Iterator[Batch]:
-    # Skipped corrupt samples can leave a rank short of its planned batches; every rank must still yield
-    # `count` (or collectives hang), so a short rank streams its shards again to top up.
-    done = 0
+def _take(open_pass: Callable[[int], Iterable[Batch]], count: int, skip: int, where: str, *,
+          balanced: bool) -> Iterator[Batch]:
+    # Every rank must yield `count` batches (or collectives hang), but a pass over its shards can yield fewer:
+    # corrupt samples are skipped, and P×K batching leaves classes short of K unused. A short rank streams its
+    # shards again, each pass seeded by its number so that a top-up is not a repeat of the first batches.
+    done, number = 0, 0
     while done < count:
         produced = 0
-        with contextlib.closing(_worker_batches(loader)) as batches:
+        with contextlib.closing(_worker_batches(open_pass(number))) as batches:
             for batch in batches:
                 produced, done = produced + 1, done + 1
                 if done > skip:
@@ -174,7 +193,10 @@ def _take(loader: torch.utils.data.DataLoader, count: int, skip: int, where: str
                     return
         if produced == 0:
             raise DataError(f"{where}: no full batch could be decoded; check the shards (see data.on_corrupt)")
-        log.warning("%s: corrupt samples left %d of %d batches; streaming the shards again", where, done, count)
+        number += 1
+        level, why = (logging.INFO, "classes short of K or corrupt samples") if balanced else \
+            (logging.WARNING, "corrupt samples")  # expected every epoch with P×K batches, a bad sign otherwise
+        log.log(level, "%s: %s left %d of %d batches this pass; streaming the shards again", where, why, done, count)
 
 
 def _worker_batches(batches: Any) -> Generator[Batch, None, None]:
@@ -208,6 +230,12 @@ class _WorkerState:
     on_corrupt: str
     worker: int = 0
     corrupt: int = 0
+    rank: int = 0
+    shards: tuple[str, ...] = ()
+
+    def slot(self) -> str:
+        """This worker's slot, for messages."""
+        return f"{', '.join(self.shards)} (rank {self.rank}, loader worker {self.worker})"
 
     def tar_error(self, error: Exception) -> bool:
         """WebDataset handler for unreadable tar data: count and continue, or raise (no sleeping, unlike wds')."""
@@ -229,18 +257,28 @@ class _SlotShards:
         self.state.worker = _worker_id()
         if self.state.worker >= len(self.slots):
             raise DataError(f"DataLoader worker {self.state.worker} has no slot in a plan of {len(self.slots)}")
+        self.state.shards = self.slots[self.state.worker]
         return iter([{"url": str(self.directory / file)} for file in self.slots[self.state.worker]])
 
 
-class _SeededShuffle:
-    """Shuffle buffer whose generator is seeded by (seed, epoch, rank, worker) when iteration starts."""
+@dataclass(frozen=True)
+class _StreamSeed:
+    """What the randomness of one pass of a training stream depends on; the DataLoader worker is added later."""
 
-    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int) -> None:
-        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
+    seed: int
+    epoch: int
+    rank: int
+    pass_index: int
+    """The pass over the rank's shards this epoch: 0, then 1, 2, ... for top-ups (see `_take`)."""
 
-    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        rng = random.Random(f"twinscale/{self.seed}/{self.epoch}/{self.rank}/{_worker_id()}")
-        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(samples)
+    def rng(self, stage: str = "") -> random.Random:
+        """A generator for one pipeline stage, seeded when the DataLoader worker running it starts iterating."""
+        suffix = (f"/{stage}" if stage else "") + (f"/pass{self.pass_index}" if self.pass_index else "")
+        return random.Random(f"twinscale/{self.seed}/{self.epoch}/{self.rank}/{_worker_id()}{suffix}")
+
+    def shuffle(self, bufsize: int, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """Shuffle buffer stage (bind `bufsize` with functools.partial), seeded when iteration starts."""
+        return wds.shuffle(bufsize, initial=bufsize, rng=self.rng())(samples)
 
 
 class _DeclaredMembers:
