@@ -1,4 +1,4 @@
-"""The `twinscale` command line: train, resume, shards, embed, eval.
+"""The `twinscale` command line: train, resume, shards, embed, mine, eval.
 
 Heavy libraries (torch, Ray, DeepSpeed) are imported inside the commands, so `twinscale --help` is instant.
 Bad input of any kind exits with code 2 and one message naming what is wrong, before anything is started.
@@ -48,6 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--out", required=True, type=Path, help="output .npz (embeddings, labels, keys)")
     embed.add_argument("--side", choices=("a", "b"), default="a", help="tower of a pseudo-Siamese model")
     embed.add_argument("--batch-size", type=int, default=512)
+
+    mine = commands.add_parser("mine", help="write triplet shards of hard negatives mined with a trained model")
+    mine.add_argument("model", type=Path, help="a run directory or its model/ directory")
+    mine.add_argument("shards", type=Path, help="labeled shard directory to mine (anchors and candidates)")
+    mine.add_argument("--out", required=True, type=Path, help="output directory of triplet shards")
+    mine.add_argument("--skip-top", type=int, default=10,
+                      help="nearest ranks skipped (likely near-duplicates or unlabeled positives)")
+    mine.add_argument("--window", type=int, default=50, help="ranks after those searched for other-class negatives")
+    mine.add_argument("--per-anchor", type=int, default=1, help="negatives (triplets) per anchor")
+    mine.add_argument("--seed", type=int, default=0)
+    mine.add_argument("--samples-per-shard", type=int, default=128)
+    mine.add_argument("--batch-size", type=int, default=512, help="embedding batch size")
+    mine.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
     evaluate = commands.add_parser("eval", help="evaluate a trained model on held-out shards")
     evaluate.add_argument("model", type=Path, help="a run directory or its model/ directory")
@@ -159,6 +172,18 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mine(args: argparse.Namespace) -> int:
+    from trainer.mine import MiningWindow, mine_hard_negatives
+
+    window = MiningWindow(skip_top=args.skip_top, window=args.window, per_anchor=args.per_anchor, seed=args.seed)
+    stats = mine_hard_negatives(args.model, args.shards, args.out, window, samples_per_shard=args.samples_per_shard,
+                                batch_size=args.batch_size, overwrite=args.overwrite)
+    print(f"mined {stats.triplets} triplets from {stats.anchors} anchors ({stats.anchors_without_negative} without a "
+          f"negative in ranks [{args.skip_top}, {args.skip_top + args.window}), {stats.anchors_without_positive} "
+          f"in single-item classes) → {args.out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.embed import evaluate_exported
     from trainer.progress import format_table
@@ -167,7 +192,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "embed": cmd_embed, "eval": cmd_eval}
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "embed": cmd_embed, "mine": cmd_mine,
+            "eval": cmd_eval}
 
 
 if __name__ == "__main__":

@@ -44,12 +44,17 @@ def run_config(path: Path, document: dict[str, Any]) -> Config:
     return config.load(None, overrides)
 
 
+def load_model(model_path: Path) -> tuple[EmbeddingModel, dict[str, Any], Config]:
+    """The exported model of a run (or model/ directory), its config.json and the run's config."""
+    model, document = load_exported(model_dir(model_path))
+    return model, document, run_config(model_path, document)
+
+
 def embed_to_file(model_path: Path, input_path: Path, out: Path, side: str = "a", batch_size: int = 512) -> int:
     """Embed `input_path` and write `out` (.npz: embeddings, keys, labels when known); returns the count."""
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: expected a .npz file name")
-    model, document = load_exported(model_dir(model_path))
-    cfg = run_config(model_path, document)
+    model, document, cfg = load_model(model_path)
     spec = InputSpec.from_dict(document["inputs"][side] or document["inputs"]["a"])
     embeddings, labels, keys = embed_input(model, spec, cfg, input_path, side, batch_size)
     optional = {} if labels is None else {"labels": np.array(labels, dtype=np.int64)}
@@ -65,7 +70,7 @@ def embed_input(model: EmbeddingModel, spec: InputSpec, cfg: Config, input_path:
                 batch_size: int) -> Rows:
     """Embeddings, labels (or None) and keys of an image folder, a text file or shards."""
     if (input_path / INDEX_FILE).is_file():
-        return _embed_shards(model, cfg, input_path, batch_size)
+        return embed_shards(model, cfg, input_path, batch_size)
     if input_path.is_dir():
         _expect(spec, "image", input_path)
         return _embed_images(model, spec, input_path, side, batch_size)
@@ -105,7 +110,9 @@ def _embed_lines(model: EmbeddingModel, cfg: Config, path: Path, side: str, batc
     return torch.cat(parts), None, [f"{i:08d}" for i in range(len(lines))]
 
 
-def _embed_shards(model: EmbeddingModel, cfg: Config, shard_dir: Path, batch_size: int) -> Rows:
+@torch.no_grad()
+def embed_shards(model: EmbeddingModel, cfg: Config, shard_dir: Path, batch_size: int) -> Rows:
+    """Every view of every sample, in index order; keys are `<sample key>/<view>`."""
     kind = read_index(shard_dir).kind
     parts: list[torch.Tensor] = []
     labels: list[int] = []
@@ -126,8 +133,7 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 def evaluate_exported(model_path: Path, shard_dir: Path | None) -> dict[str, float]:
     """Metrics of an exported model on shards (default: the run's held-out split)."""
-    model, document = load_exported(model_dir(model_path))
-    cfg = run_config(model_path, document)
+    model, _, cfg = load_model(model_path)
     target = str(shard_dir) if shard_dir is not None else cfg.data.test
     if target is None:
         raise UserError(f"{model_path}: the run has no data.test; pass --data SHARDS")

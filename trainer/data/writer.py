@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from trainer.data.formats import INDEX_FILE, KIND_VIEWS, SHARD_PATTERN, ShardIndex, ShardInfo, cls_member, write_index
+from trainer.data.formats import (
+    INDEX_FILE,
+    KIND_VIEWS,
+    SHARD_PATTERN,
+    ShardIndex,
+    ShardInfo,
+    ViewSpec,
+    cls_member,
+    write_index,
+)
 from trainer.data.sources import Item, Source, read_source
 from trainer.errors import DataError
 
@@ -41,11 +50,11 @@ def write_shards(source: str, kind: str, out_dir: str | Path, *, test_fraction: 
     """
     _check_arguments(kind, test_fraction, samples_per_shard, pairs_per_item)
     out_dir = Path(out_dir)
-    _check_target(out_dir, overwrite)
+    check_target(out_dir, overwrite)
     data = read_source(source, as_images=as_images)
     _check_kind(data, kind)
     splits = split_records(data, test_fraction, seed)
-    with _staging(out_dir) as staging:
+    with staged_output(out_dir) as staging:
         indexes = {}
         for split, positions in splits.items():
             directory = staging / split if split else staging
@@ -86,11 +95,12 @@ def _check_arguments(kind: str, test_fraction: float | None, samples_per_shard: 
         raise DataError(f"samples_per_shard ({samples_per_shard}) and pairs_per_item ({pairs_per_item}) must be ≥ 1")
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
+def check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to replace a non-empty `out_dir` unless `overwrite`, before any work is done."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise DataError(f"{out_dir}: already exists and is not empty; remove it or pass overwrite=True")
+        raise DataError(f"{out_dir}: already exists and is not empty; remove it or pass --overwrite")
 
 
 def _check_kind(data: Source, kind: str) -> None:
@@ -112,7 +122,7 @@ def _tuples(data: Source, kind: str, positions: list[int], per_item: int, rng: n
 def sample_tuples(items: list[Item], kind: str, per_item: int, rng: np.random.Generator,
                   name: str = "source") -> Iterator[Tuple]:
     """Seeded pairs (half similar) or triplets from labeled items, `per_item` rounds over every item as anchor."""
-    classes = _ClassIndex([int(item.label) for item in items if item.label is not None])
+    classes = ClassIndex([int(item.label) for item in items if item.label is not None])
     if classes.num_classes < 2:
         raise DataError(f"{name}: {kind} need at least 2 classes, found {classes.num_classes}")
     total = len(items) * per_item
@@ -128,7 +138,7 @@ def sample_tuples(items: list[Item], kind: str, per_item: int, rng: np.random.Ge
             yield f"{number:08d}", tuple(items[i] for i in picks), None
 
 
-class _ClassIndex:
+class ClassIndex:
     """Items grouped by class (positions sorted by label), for O(1) seeded positive and negative draws."""
 
     def __init__(self, labels: list[int]) -> None:
@@ -156,18 +166,25 @@ class _ClassIndex:
 
 def _write_split(directory: Path, data: Source, kind: str, tuples: Iterable[Tuple], samples_per_shard: int,
                  split: str | None) -> ShardIndex:
+    return write_tuples(directory, kind, tuples, data.spec, labeled=data.labeled, num_classes=data.num_classes(),
+                        samples_per_shard=samples_per_shard, split=split, source=data.name)
+
+
+def write_tuples(directory: Path, kind: str, tuples: Iterable[Tuple], spec: ViewSpec, *, labeled: bool,
+                 num_classes: int | None, samples_per_shard: int, split: str | None = None,
+                 source: str = "") -> ShardIndex:
+    """Write `tuples` (consumed one shard at a time) as `kind` shards in `directory`, then its index.json."""
     directory.mkdir(exist_ok=True)
-    labeled = data.labeled
     shards = []
     for number, chunk in enumerate(_chunks(tuples, samples_per_shard)):
         name = SHARD_PATTERN.format(number)
         _write_shard(directory / name, [tar_sample(kind, sample, labeled) for sample in chunk])
         shards.append(ShardInfo(name, len(chunk)))
     if not shards:
-        raise DataError(f"{data.name}: the {split or 'whole'} split has no samples")
-    views = {view: data.spec for view in KIND_VIEWS[kind]}
-    index = ShardIndex(kind=kind, views=views, labels=labeled, num_classes=data.num_classes(),
-                       shards=tuple(shards), split=split, source=data.name)
+        raise DataError(f"{source}: the {split or 'whole'} split has no samples")
+    views = {view: spec for view in KIND_VIEWS[kind]}
+    index = ShardIndex(kind=kind, views=views, labels=labeled, num_classes=num_classes,
+                       shards=tuple(shards), split=split, source=source)
     write_index(directory, index)
     return index
 
@@ -200,7 +217,7 @@ def _chunks(tuples: Iterable[Tuple], size: int) -> Iterator[list[Tuple]]:
 
 
 @contextmanager
-def _staging(out_dir: Path) -> Iterator[Path]:
+def staged_output(out_dir: Path) -> Iterator[Path]:
     """A hidden sibling directory that replaces `out_dir` only if the block completes."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = _sibling(out_dir, "partial")
