@@ -66,7 +66,7 @@ def test_cached_step_equals_full_batch_gradient_with_dropout(micro_batches: int)
     model = build_model(ModelConfig(encoder="mlp", hidden_dims=[16], embedding_dim=8, dropout=0.3),
                         InputSpec("vector", (12,)))
     batch = _pairs_batch(10, gen)
-    objective = MetricObjective(LossConfig(name="infonce", chunk_size=4), MiningConfig(name="multi_similarity"),
+    objective = MetricObjective(LossConfig(name="infonce", chunk_entries=80), MiningConfig(name="multi_similarity"),
                                 Collective())
 
     # Reference: one full batch with autograd, its dropout drawn micro-batch by micro-batch as the cache does.
@@ -101,7 +101,7 @@ def test_cached_training_under_torchrun_matches_plain_training(tmp_path: Path) -
             f"name: {name}\n"
             "data: {train: digits/train, test: digits/test, batch_size: 30}\n"
             "model: {encoder: mlp, hidden_dims: [32], embedding_dim: 16}\n"
-            "loss: {name: supcon, chunk_size: 16}\n"
+            "loss: {name: supcon, chunk_entries: 960}\n"
             "mining: {name: none}\n"
             f"optim:\n  max_steps: 6\n  warmup_steps: 1\n{extra}"
             "log: {wandb: false}\n")

@@ -48,7 +48,8 @@ def test_loss_with_memory_equals_pml_with_the_bank_as_references(name: str) -> N
     weight = torch.randn(5, 4, generator=gen, requires_grad=True)
     inputs, labels = torch.randn(10, 5, generator=gen), torch.randint(0, 3, (10,), generator=gen)
     banked, banked_labels = torch.randn(7, 4, generator=gen), torch.randint(0, 3, (7,), generator=gen)
-    cfg = LossConfig(name=name, distance="cosine", pos_margin=0.9, neg_margin=0.2, chunk_size=3)
+    # 17 references (10 batch rows, 7 banked): 51 entries are chunks of 3 anchors.
+    cfg = LossConfig(name=name, distance="cosine", pos_margin=0.9, neg_margin=0.2, chunk_entries=51)
 
     embeddings = inputs @ weight
     references, reference_labels = torch.cat([embeddings, banked]), torch.cat([labels, banked_labels])

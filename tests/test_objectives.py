@@ -75,17 +75,17 @@ def reference(loss_cfg: LossConfig, miner_name: str, model, inputs, labels, expl
     return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
 
-def chunked(cfg: LossConfig, chunk_size: int = 5) -> LossConfig:
+def chunked(cfg: LossConfig, rows: int = 5) -> LossConfig:
     """The loss config walked in chunks smaller than any test batch, so chunk boundaries are exercised."""
-    return cfg.model_copy(update={"chunk_size": chunk_size})
+    return cfg.model_copy(update={"chunk_entries": rows * GLOBAL_BATCH})
 
 
-@pytest.mark.parametrize("chunk_size", [5, 512])
+@pytest.mark.parametrize("chunk_rows", [5, 512])
 @pytest.mark.parametrize("loss_name,miner_name", list(itertools.product(LOSSES, MINERS)))
-def test_single_process_matches_pml(loss_name: str, miner_name: str, chunk_size: int) -> None:
+def test_single_process_matches_pml(loss_name: str, miner_name: str, chunk_rows: int) -> None:
     model, inputs, labels = make_problem()
     expected_loss, expected_grads = reference(LOSSES[loss_name], miner_name, model, inputs, labels)
-    objective = MetricObjective(chunked(LOSSES[loss_name], chunk_size), MiningConfig(name=miner_name), Collective())
+    objective = MetricObjective(chunked(LOSSES[loss_name], chunk_rows), MiningConfig(name=miner_name), Collective())
     model.zero_grad()
     out = objective(embed(model, inputs), labels)
     out.local_share.backward()

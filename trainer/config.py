@@ -121,8 +121,8 @@ class LossConfig(Section):
     """Multi-similarity: weight of negative pairs."""
     base: float = 0.5
     """Multi-similarity: similarity offset."""
-    chunk_size: int = Field(512, ge=1)
-    """Anchors per chunk of loss + mining: memory is a few chunk_size × global-batch matrices, whatever the batch."""
+    chunk_entries: int = Field(2**24, ge=1)
+    """Anchor × reference entries per chunk of loss + mining: bounds their memory whatever the global batch."""
 
 
 class MiningConfig(Section):

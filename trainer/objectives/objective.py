@@ -2,8 +2,8 @@
 
 Each worker embeds its local batch (B_local rows) and gathers every worker's rows with autograd (B_global
 references, plus the cross-batch memory when it is on). It then walks its anchors in chunks of
-`loss.chunk_size`: a chunk's distances to all references ([chunk, R], never B_local × R), PML's mining decided
-row by row (selection.py), the loss terms (terms.py), and the gradient of those terms with respect to the
+`loss.chunk_entries` / R rows: a chunk's distances to all references ([chunk, R], never B_local × R), PML's
+mining decided row by row (selection.py), the loss terms (terms.py), and the gradient of those terms with respect to the
 chunk and the references, right away. Only the gradients (B_local × d and R × d) outlive a chunk, so the
 memory of loss + mining is bounded by the chunk size, not the global batch.
 
@@ -72,7 +72,7 @@ class MetricObjective:
                  memory: MemoryBank | None = None) -> None:
         self.loss = BlockLoss(loss_cfg)
         self.mining_cfg = mining_cfg
-        self.chunk_size = loss_cfg.chunk_size
+        self.chunk_entries = loss_cfg.chunk_entries
         self.collective = collective
         self.memory = memory
 
@@ -95,8 +95,9 @@ class MetricObjective:
         def evaluate(anchors: torch.Tensor, refs: torch.Tensor) -> tuple[torch.Tensor, ...]:
             acc = _Accumulated(anchors, refs)
             refs = refs.detach().requires_grad_()
-            for start in range(0, len(anchors), self.chunk_size):
-                rows = slice(start, min(start + self.chunk_size, len(anchors)))
+            chunk_rows = max(1, self.chunk_entries // max(1, len(refs)))
+            for start in range(0, len(anchors), chunk_rows):
+                rows = slice(start, min(start + chunk_rows, len(anchors)))
                 chunk = anchors[rows].detach().requires_grad_()
                 self._chunk(chunk, refs, labels[rows], reference_labels, offset + start, explicit, rows, acc)
             return self._reduce(acc, len(labels), results)
