@@ -121,7 +121,7 @@ class LossConfig(Section):
     """Multi-similarity: weight of negative pairs."""
     base: float = 0.5
     """Multi-similarity: similarity offset."""
-    chunk_entries: int = Field(2**24, ge=1)
+    chunk_entries: int = Field(2**22, ge=1)
     """Anchor × reference entries per chunk of loss + mining: bounds their memory whatever the global batch."""
 
 
