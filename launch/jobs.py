@@ -76,12 +76,10 @@ def describe_connection_error(error: Exception, had_token: bool) -> str:
 def runtime_env(working_dir: Path, output_dir: str, pip: Path | None, image: str | None,
                 env_names: list[str]) -> dict[str, Any]:
     """What the job runs with: the working directory, packages or image, and forwarded environment variables."""
-    from launch.ray_launch import QUIET_ENV
-
     excludes = list(EXCLUDES)
     if not Path(output_dir).is_absolute():
         excludes.append(f"/{Path(output_dir).as_posix().strip('/')}")  # earlier runs' outputs are not code
-    env = dict(QUIET_ENV)
+    env: dict[str, str] = {}  # the job's `ray.init` adds its own (QUIET_ENV): Ray refuses a key set twice
     for name in (*FORWARDED_ENV, *env_names):
         if name in os.environ:
             env[name] = os.environ[name]

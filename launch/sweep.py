@@ -145,7 +145,8 @@ def tune_config(spec: SweepSpec, base: dict[str, Any], plan: Any) -> Any:
     if spec.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search: Any = OptunaSearch(points_to_evaluate=nested_points or None, seed=spec.seed)
+        flat_points = [{key.replace(".", "/"): value for key, value in point.items()} for point in base_point]
+        search: Any = OptunaSearch(points_to_evaluate=flat_points or None, seed=spec.seed)  # Tune's flat names
     else:
         from ray.tune.search import BasicVariantGenerator
 
