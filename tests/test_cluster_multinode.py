@@ -17,11 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LIST_WORKERS = """
 import json, sys
-import ray
 from ray.util.state import list_actors, list_nodes
-ray.init(address=sys.argv[1], logging_level="ERROR")
-workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
-nodes = list_nodes(filters=[("state", "=", "ALIVE")], limit=100)
+address = sys.argv[1]  # explicit: other Ray instances may run on this machine
+workers = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=100)
+nodes = list_nodes(address=address, filters=[("state", "=", "ALIVE")], limit=100)
 print(json.dumps({"workers": [w.node_id for w in workers], "nodes": [n.node_id for n in nodes]}))
 """
 
@@ -40,8 +39,10 @@ def test_two_nodes_one_worker_each_shared_checkpoints(tmp_path: Path) -> None:
              "--set", "data.loader_workers=0", "--set", "eval.batch_size=256"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        placement = json.loads(subprocess.run([sys.executable, "-c", LIST_WORKERS, cluster.gcs_address], env=env,
-                                              capture_output=True, text=True, timeout=120, check=True).stdout)
+        listed = subprocess.run([sys.executable, "-c", LIST_WORKERS, cluster.gcs_address], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stderr[-3000:]
+        placement = json.loads(listed.stdout)
     finally:
         cluster.stop()
     assert len(placement["nodes"]) == 2
