@@ -124,6 +124,10 @@ def submit(config_path: Path | None, overrides: list[str], address: str, *, work
                            *(f"--set {shlex.quote(item)}" for item in overrides)])
     client = connect(address)
     env = runtime_env(working_dir, cfg.output_dir, pip, image, list(env_names or []))
+    if not Path(cfg.output_dir).is_absolute():
+        print(f"twinscale: warning: output_dir {cfg.output_dir} is relative, so the run lands in the job's temporary "
+              "working directory on the head; for checkpoints you can resume, use shared storage "
+              "(--set output_dir=/shared/runs)", file=sys.stderr)
     job_id = f"twinscale-{cfg.name}"
     try:
         client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=job_id,

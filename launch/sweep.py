@@ -155,9 +155,9 @@ def tune_config(spec: SweepSpec, base: dict[str, Any], plan: Any) -> Any:
     scheduler: Any = FIFOScheduler()
     if spec.scheduler.name == "asha":
         length = plan.total_steps if spec.scheduler.time_attr == "step" else plan.total_steps / plan.steps_per_epoch
-        max_t = spec.scheduler.max_t or length
-        scheduler = ASHAScheduler(time_attr=spec.scheduler.time_attr, max_t=max_t,
-                                  grace_period=min(spec.scheduler.grace_period, max_t),
+        max_t: Any = spec.scheduler.max_t or length  # fractional epochs work: ASHA only compares and multiplies
+        grace: Any = min(spec.scheduler.grace_period, max_t)
+        scheduler = ASHAScheduler(time_attr=spec.scheduler.time_attr, max_t=max_t, grace_period=grace,
                                   reduction_factor=spec.scheduler.reduction_factor)
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, search_alg=search, scheduler=scheduler,
                            num_samples=spec.trials,

@@ -159,14 +159,14 @@ def check_config_key(key: str, origin: str) -> None:
             raise ConfigError(f"{origin}: {key}: {prefix} has no key {part!r} "
                               f"(keys: {', '.join(section.model_fields)})")
         annotation = field.annotation
-        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-        if depth == len(parts) - 1 and is_section:
-            example = next(iter(annotation.model_fields))
+        child = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        if depth == len(parts) - 1 and child is not None:
+            example = next(iter(child.model_fields))
             raise ConfigError(f"{origin}: {key}: is a section; name one of its keys, e.g. {key}.{example}")
         if depth < len(parts) - 1:
-            if not is_section:
+            if child is None:
                 raise ConfigError(f"{origin}: {key}: {'.'.join(parts[:depth + 1])} is a value, not a section")
-            section = annotation
+            section = child
 
 
 def load_sweep(path: Path) -> tuple[SweepSpec, dict[str, Any]]:

@@ -58,8 +58,13 @@ def ranked_rows(results: Any, spec: SweepSpec) -> list[dict[str, Any]]:
         rows.append({"trial": f"trial_{metrics.get('trial_id', '?')}", "params": flatten(result.config or {}),
                      "step": step, "total_steps": total, "metric": metric, "status": status,
                      "run_dir": metrics.get("run_dir")})
-    sign = -1 if spec.mode == "max" else 1
-    rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] if r["metric"] is not None else 0.0)))
+    sign = -1.0 if spec.mode == "max" else 1.0
+
+    def order(row: dict[str, Any]) -> tuple[bool, float]:
+        metric = row["metric"]
+        return metric is None, sign * float(metric if metric is not None else 0.0)
+
+    rows.sort(key=order)
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
     return rows
