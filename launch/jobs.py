@@ -52,6 +52,8 @@ def connect(address: str | None) -> Any:
     from ray.job_submission import JobSubmissionClient
 
     address = address or os.environ.get("RAY_API_SERVER_ADDRESS")
+    if address is None:
+        raise UserError("no cluster address: pass --address http://HEAD:8265 or set RAY_API_SERVER_ADDRESS")
     if not is_job_address(address):
         raise UserError(f"--address {address}: expected the cluster's dashboard address, http://HEAD:8265")
     token = auth_token()
