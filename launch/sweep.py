@@ -95,7 +95,12 @@ def run_sweep(sweep_dir: Path, state: dict[str, Any], address: str | None, verbo
               f"{spec.concurrent} at a time, {spec.search} search, scheduler {spec.scheduler.name} on "
               f"{spec.metric} ({spec.mode})", file=sys.stderr)
         with interruption_flag() as interrupted:
-            results = tuner.fit()
+            try:
+                results = tuner.fit()
+            except (RuntimeError, ray.exceptions.RayError) as error:  # e.g. the node ran out of memory
+                print(f"twinscale: sweep stopped by an error ({str(error).strip().splitlines()[-1][:300]}); its "
+                      f"state is saved: continue it with `twinscale sweep --resume {sweep_dir}`", file=sys.stderr)
+                return 1
         held = resources_still_held(ray)
     finally:
         ray.shutdown()
