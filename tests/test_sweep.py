@@ -119,3 +119,24 @@ def test_tiny_sweep_interrupted_resumed_early_stopped_ranked(tmp_path: Path) -> 
     finished = run_cli("resume", str(run_dir), cwd=tmp_path, env=env)
     assert finished.returncode == 0, finished.stderr[-5000:]
     assert json.loads((run_dir / "final_metrics.json").read_text())["step"] == 6
+
+
+def test_optuna_starts_from_the_base_recipe(tmp_path: Path) -> None:
+    """Optuna accepts Tune's param space with the base recipe as its first point (given with Tune's flattened
+    `optim/lr` names) and suggests that point first."""
+    from launch.sweep import base_plan, tune_config
+    from launch.sweep_spec import load_sweep, tune_space
+    from trainer.data.writer import write_shards
+
+    write_shards("digits", "labeled", tmp_path / "data", test_fraction=0.4, seed=0)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"train": str(tmp_path / "data" / "train"),
+                                               "test": str(tmp_path / "data" / "test")}, "optim": {"lr": 0.002}}))
+    space = {"optim.lr": {"loguniform": [1.0e-4, 1.0e-2]}, "model.embedding_dim": {"choice": [32, 64]}}
+    path = write_sweep(tmp_path, recipe=str(recipe), search="optuna", include_base=True, trials=3, space=space)
+    spec, raw = load_sweep(path)
+    base = config.to_dict(config.from_dict(raw))
+    searcher = tune_config(spec, base, base_plan(config.from_dict(raw))).search_alg
+    assert searcher.set_search_properties("map_at_r", "max", tune_space(spec))
+    first = searcher.suggest("trial_1")
+    assert first == {"optim": {"lr": 0.002}, "model": {"embedding_dim": 64}}
