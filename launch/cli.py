@@ -1,4 +1,4 @@
-"""The `twinscale` command line: train, resume, shards, embed, mine, eval.
+"""The `twinscale` command line: train, resume, shards, embed, mine, eval, sweep, submit, jobs.
 
 Heavy libraries (torch, Ray, DeepSpeed) are imported inside the commands, so `twinscale --help` is instant.
 Bad input of any kind exits with code 2 and one message naming what is wrong, before anything is started.
@@ -62,6 +62,31 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--batch-size", type=int, default=512, help="embedding batch size")
     mine.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
+    sweep = commands.add_parser("sweep", help="hyperparameter sweep on Ray Tune: each trial a distributed run")
+    sweep.add_argument("sweep_file", nargs="?", type=Path, help="sweep YAML (see configs/sweeps/)")
+    sweep.add_argument("--resume", type=Path, metavar="SWEEP_DIR", help="continue an interrupted sweep")
+    _add_run_options(sweep)
+
+    submit = commands.add_parser("submit", help="submit a training run to a Ray cluster as a job")
+    submit.add_argument("config", nargs="?", type=Path, help="YAML recipe inside the working directory")
+    submit.add_argument("--address", required=True, help="the cluster's dashboard, http://HEAD:8265")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable)")
+    submit.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    submit.add_argument("--working-dir", type=Path, default=Path("."),
+                        help="directory uploaded as the job's working directory (default: .)")
+    submit.add_argument("--pip", type=Path, metavar="REQUIREMENTS",
+                        help="install these pinned packages for the job (e.g. constraints.txt)")
+    submit.add_argument("--image", help="run the job in this container image (runtime_env image_uri)")
+    submit.add_argument("--env", dest="env_names", action="append", default=[], metavar="NAME",
+                        help="also pass this variable from your environment (W&B's are passed when set)")
+
+    jobs = commands.add_parser("jobs", help="list submitted jobs, show or follow their logs, stop one")
+    jobs.add_argument("action", choices=("list", "logs", "stop"))
+    jobs.add_argument("job_id", nargs="?", help="job id (printed by submit)")
+    jobs.add_argument("--address", help="the cluster's dashboard, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS)")
+    jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+
     evaluate = commands.add_parser("eval", help="evaluate a trained model on held-out shards")
     evaluate.add_argument("model", type=Path, help="a run directory or its model/ directory")
     evaluate.add_argument("--data", type=Path, help="shard directory (default: the run's data.test)")
@@ -69,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--address", help="Ray cluster address (ray://HOST:10001 or auto); default: local Ray")
+    command.add_argument("--address", help="Ray cluster address (ray://HOST:10001 or auto; for resume also "
+                         "http://HEAD:8265: resume as a job on the cluster); default: local Ray")
     command.add_argument("--verbose", action="store_true", help="show Ray's and the workers' own logs")
 
 
@@ -98,6 +124,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from trainer import config
+
+    if args.address is not None and args.address.startswith(("http://", "https://")):
+        from launch.jobs import submit_command  # a run of a submitted job: resume it as a job on the cluster
+
+        run_dir = args.run_dir.resolve() if args.run_dir.exists() else args.run_dir  # else: a path on the cluster
+        return submit_command(["resume", str(run_dir)], args.address, working_dir=Path("."), follow=True)
 
     saved = args.run_dir / "config.yaml"
     if not saved.is_file():
@@ -184,6 +216,36 @@ def cmd_mine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from launch.sweep import resume_sweep, start_sweep
+
+    if (args.sweep_file is None) == (args.resume is None):
+        raise UserError("sweep: give either a sweep file (twinscale sweep configs/sweeps/NAME.yaml) or "
+                        "--resume SWEEP_DIR")
+    if args.resume is not None:
+        return resume_sweep(args.resume, args.address, args.verbose)
+    return start_sweep(args.sweep_file, args.address, args.verbose)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.jobs import submit
+
+    return submit(args.config, args.overrides, args.address, working_dir=args.working_dir, follow=args.follow,
+                  pip=args.pip, image=args.image, env_names=args.env_names)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from launch.jobs import job_logs, list_jobs, stop_job
+
+    if args.action == "list":
+        return list_jobs(args.address)
+    if args.job_id is None:
+        raise UserError(f"jobs {args.action}: give the job id (see `twinscale jobs list`)")
+    if args.action == "logs":
+        return job_logs(args.address, args.job_id, args.follow)
+    return stop_job(args.address, args.job_id)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.embed import evaluate_exported
     from trainer.progress import format_table
@@ -193,7 +255,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "embed": cmd_embed, "mine": cmd_mine,
-            "eval": cmd_eval}
+            "eval": cmd_eval, "sweep": cmd_sweep, "submit": cmd_submit, "jobs": cmd_jobs}
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,30 @@ def quiet_worker_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class QueueReporter:
-    """Rank 0's reporter under Ray: forwards progress calls to the driver through a Ray queue."""
+def setup_worker_process() -> None:
+    """Worker setup hook: quiet logs, and RAY_ADDRESS pinned to this cluster.
 
-    def __init__(self, queue: Any) -> None:
+    Ray's state API (which Train V2's placement-group cleaner polls to free the workers of a run whose
+    controller died, e.g. a Tune trial stopped early) finds its cluster from RAY_ADDRESS, and without it gives up
+    when another Ray instance runs on the same machine.
+    """
+    import ray
+
+    quiet_worker_logs()
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+
+class QueueReporter:
+    """Rank 0's reporter under Ray: forwards progress calls to the driver through a Ray queue.
+
+    With `run_dir`, each evaluation's metrics also go to the driver as ("evaluated", (step, metrics)): the loop
+    announces an evaluation with `message` right after writing its line to `run_dir/metrics.jsonl`.
+    """
+
+    def __init__(self, queue: Any, run_dir: Path | None = None) -> None:
         self.queue = queue
+        self.run_dir = run_dir
+        self.evaluated_step = -1
 
     def start(self, total_steps: int, first_step: int) -> None:
         self.queue.put_nowait(("start", (total_steps, first_step)))
@@ -43,6 +63,10 @@ class QueueReporter:
 
     def message(self, text: str) -> None:
         self.queue.put_nowait(("message", (text,)))
+        evaluation = None if self.run_dir is None else last_evaluation(self.run_dir)
+        if evaluation is not None and evaluation["step"] > self.evaluated_step:
+            self.evaluated_step = evaluation["step"]
+            self.queue.put_nowait(("evaluated", (evaluation["step"], evaluation)))
 
     def close(self) -> None:
         self.queue.put_nowait(("close", ()))
@@ -55,14 +79,17 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     from trainer import train
 
     quiet_worker_logs()
+    if loop_config.get("wandb_group"):
+        os.environ["WANDB_RUN_GROUP"] = loop_config["wandb_group"]  # wandb.init reads it: one group per sweep
     cfg = config.from_dict(loop_config["config"], origin="<launched run>")
     rank = ray.train.get_context().get_world_rank()
-    reporter = QueueReporter(loop_config["queue"]) if rank == 0 else None
+    reporter = QueueReporter(loop_config["queue"], cfg.run_dir) if rank == 0 else None
     train.run(cfg, reporter, resume=loop_config["resume"])
 
 
-def start_ray(address: str | None, verbose: bool) -> None:
-    """Connect to a cluster at `address`, or start a local Ray for this run."""
+def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> None:
+    """Connect to a cluster at `address`, or start a local Ray for this run (with its dashboard if asked: Ray's
+    state API lives there, and Train V2 needs it to free the workers of a Tune trial stopped early)."""
     import ray
 
     os.environ.update(QUIET_ENV)
@@ -70,32 +97,22 @@ def start_ray(address: str | None, verbose: bool) -> None:
         address=address,
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
-        include_dashboard=False if address is None else None,
-        runtime_env={"env_vars": dict(QUIET_ENV), "worker_process_setup_hook": "launch.ray_launch.quiet_worker_logs"},
+        include_dashboard=dashboard if address is None else None,
+        runtime_env={"env_vars": dict(QUIET_ENV),
+                     "worker_process_setup_hook": "launch.ray_launch.setup_worker_process"},
     )
 
 
 def launch(cfg: Config, *, address: str | None = None, resume: bool = False, verbose: bool = False) -> dict[str, Any]:
     """Train `cfg` with `cfg.dist.workers` Ray workers; returns the final metrics written by rank 0."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
     start_ray(address, verbose)
     try:
-        use_gpu = cfg.dist.device == "cuda" or (
-            cfg.dist.device == "auto" and ray.cluster_resources().get("GPU", 0) >= cfg.dist.workers)
         queue = Queue()
-        trainer = TorchTrainer(
-            _worker_entry,
-            train_loop_config={"config": config.to_dict(cfg), "resume": resume, "queue": queue},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.dist.timeout_s),
-            scaling_config=ScalingConfig(num_workers=cfg.dist.workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
-            run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir.resolve())),
-        )
-        progress = _ProgressPump(queue)
+        trainer = build_trainer(cfg, queue, resume=resume)
+        progress = ProgressPump(queue)
         progress.start()
         try:
             trainer.fit()
@@ -106,6 +123,38 @@ def launch(cfg: Config, *, address: str | None = None, resume: bool = False, ver
     return read_final_metrics(cfg.run_dir)
 
 
+def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | None = None) -> Any:
+    """The TorchTrainer of one run on the connected Ray cluster (`launch`, a sweep trial, a submitted job).
+
+    Ray Train's own state goes to `<run_dir>/ray`, so a run's storage path is its run directory: on a multi-node
+    cluster, `output_dir` must be a path every node shares.
+    """
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cfg.dist.device == "cuda" or (
+        cfg.dist.device == "auto" and ray.cluster_resources().get("GPU", 0) >= cfg.dist.workers)
+    return TorchTrainer(
+        _worker_entry,
+        train_loop_config={"config": config.to_dict(cfg), "resume": resume, "queue": queue,
+                           "wandb_group": wandb_group},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.dist.timeout_s),
+        scaling_config=ScalingConfig(num_workers=cfg.dist.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
+        run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir.resolve())),
+    )
+
+
+def last_evaluation(run_dir: Path) -> dict[str, Any] | None:
+    """The newest line of a run's metrics.jsonl (one JSON object per evaluation, with `step`), if any."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines else None
+
+
 def read_final_metrics(run_dir: Path) -> dict[str, Any]:
     """The final metrics a finished run wrote."""
     import json
@@ -113,13 +162,15 @@ def read_final_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "final_metrics.json").read_text())
 
 
-class _ProgressPump(threading.Thread):
+class ProgressPump(threading.Thread):
     """Drains the progress queue into the console bar until stopped."""
 
-    def __init__(self, queue: Any) -> None:
+    def __init__(self, queue: Any, on_evaluated: Callable[[int, dict[str, Any]], None] | None = None,
+                 console: bool = True) -> None:
         super().__init__(daemon=True)
         self.queue = queue
-        self.console = ConsoleProgress()
+        self.on_evaluated = on_evaluated
+        self.console = ConsoleProgress() if console else None
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -134,9 +185,14 @@ class _ProgressPump(threading.Thread):
                 continue
             except Exception:  # the queue actor is gone: the run is over
                 break
-            getattr(self.console, kind)(*args)
-        self.console.close()
+            if kind == "evaluated":
+                if self.on_evaluated is not None:
+                    self.on_evaluated(*args)
+            elif self.console is not None:
+                getattr(self.console, kind)(*args)
+        if self.console is not None:
+            self.console.close()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5) -> None:
         self.stopping.set()
-        self.join(timeout=5)
+        self.join(timeout=timeout)
