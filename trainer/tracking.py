@@ -8,12 +8,16 @@ so a resumed run continues its step axis.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from trainer.config import LogConfig
+
+METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "train_loss.jsonl"
 
 
 class Tracker:
@@ -22,10 +26,27 @@ class Tracker:
     def __init__(self, run_dir: Path, wandb_run: Any = None) -> None:
         self.run_dir = run_dir
         self.wandb_run = wandb_run
+        self.steps_file: IO[str] | None = None
+
+    def close_files(self) -> None:
+        """Close train_loss.jsonl (a stopped run ends here; W&B then flushes on exit)."""
+        if self.steps_file is not None:
+            self.steps_file.close()
+            self.steps_file = None
 
     @property
     def run_id(self) -> str | None:
         return None if self.wandb_run is None else str(self.wandb_run.id)
+
+    def log_step(self, step: int, epoch: int, loss: float, lr: float, skipped: bool) -> None:
+        """One line per training step in train_loss.jsonl (loss as its exact float; null when not finite)."""
+        if self.steps_file is None:
+            self.steps_file = open(self.run_dir / STEPS_FILE, "a")  # noqa: SIM115 (held open for the run)
+        row = {"step": step, "epoch": epoch, "loss": loss if math.isfinite(loss) else None, "lr": lr}
+        if skipped:
+            row["skipped"] = True
+        self.steps_file.write(json.dumps(row) + "\n")
+        self.steps_file.flush()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Training metrics (W&B only; they are frequent)."""
@@ -34,15 +55,38 @@ class Tracker:
 
     def log_eval(self, metrics: dict[str, float], step: int) -> None:
         """Evaluation metrics: one JSON line in metrics.jsonl, and W&B under `eval/`."""
-        with open(self.run_dir / "metrics.jsonl", "a") as out:
+        with open(self.run_dir / METRICS_FILE, "a") as out:
             out.write(json.dumps({"step": step, **metrics}) + "\n")
         self.log({f"eval/{key}": value for key, value in metrics.items()}, step)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Record the final summary and close W&B."""
+        self.close_files()
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)
             self.wandb_run.finish()
+
+
+def rewind_run_files(run_dir: Path, step: int) -> None:
+    """Drop the lines of metrics.jsonl and train_loss.jsonl written after `step` (by a run that then crashed or
+    was killed): the resumed run writes them again, so each file holds one line per step, as if uninterrupted."""
+    for name in (METRICS_FILE, STEPS_FILE):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _line_step(line) <= step]
+        if len(kept) != len(lines):
+            temporary = path.with_name(f".{name}.tmp")
+            temporary.write_text("".join(kept))
+            os.replace(temporary, path)
+
+
+def _line_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: dropped
 
 
 def start_tracker(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], resume_id: str | None) -> Tracker:
