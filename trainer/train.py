@@ -57,6 +57,9 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
         checkpoint.restore_rng(checkpoint.rng_path(checkpoint.checkpoint_path(run_dir, state.step), rank))
     loop = TrainLoop(cfg, engine, objective, plan.kind, plan.total_steps, run_dir, rank, world, device, tracker,
                      reporter if rank == 0 else None)
+    if resume and loop.reporter is not None:
+        loop.reporter.message(f"resumed from {checkpoint.checkpoint_path(run_dir, state.step)} (step {state.step}, "
+                              f"epoch {state.epoch}, {state.batches_into_epoch} batches into it)")
     state = loop.run(state)
     corrupt = torch.tensor([sum(loop.corrupt_by_worker.values())], dtype=torch.long)
     total_corrupt = int(default_collective().sum(corrupt))

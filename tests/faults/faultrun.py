@@ -132,3 +132,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def final_metrics(run_dir: Path) -> dict:
+    """final_metrics.json without its timings."""
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    return {key: value for key, value in final.items() if key not in ("wall_s", "train_samples_per_s")}
+
+
+def assert_same_run(run_dir: Path, reference: Path) -> None:
+    """Bitwise: the same loss floats at every step, and the same final metrics."""
+    assert losses(run_dir) == losses(reference)
+    assert final_metrics(run_dir) == final_metrics(reference)

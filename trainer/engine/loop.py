@@ -206,6 +206,7 @@ class TrainLoop:
         if (every_ckpt and state.step % every_ckpt == 0 and not last) or (self.stopped_by is not None and not last):
             self._save(state)
         if self.stopped_by is not None and self.reporter is not None:
+            self.reporter.update(state.step, {})
             self.reporter.message(f"{signal.Signals(self.stopped_by).name}: stopped after step {state.step}, "
                                   f"checkpoint saved; `twinscale resume {self.run_dir}` continues the run")
 
