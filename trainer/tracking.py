@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlparse
 
 from trainer.config import LogConfig
 
@@ -90,21 +92,48 @@ def _line_step(line: str) -> float:
 
 
 def start_tracker(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], resume_id: str | None) -> Tracker:
-    """A tracker for rank 0, with W&B started unless disabled."""
+    """A tracker for rank 0, with W&B started unless disabled; online W&B falls back to offline, saying so once."""
     if not cfg.wandb:
         return Tracker(run_dir)
     import wandb
 
     mode = _mode(cfg)
+    if mode == "online":
+        problem = _unreachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), cfg.init_timeout_s)
+        if problem is None:
+            try:
+                return Tracker(run_dir, _init(wandb, cfg, run_dir, run_config, resume_id, mode))
+            except Exception as error:  # any failure to reach or configure the server: keep training, offline
+                problem = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                _forget_server(wandb)
+        print(f"W&B: cannot log online ({problem}); logging offline to {run_dir / 'wandb'} instead "
+              f"(`wandb sync` uploads it later)", file=sys.stderr)
+    return Tracker(run_dir, _init(wandb, cfg, run_dir, run_config, resume_id, "offline"))
+
+
+def _forget_server(wandb: Any) -> None:
+    """After a failed online start: stop wandb's service, and its analytics, from retrying the dead server at exit
+    (measured: 20-30 s of a finished run's exit spent posting to a server that never answers)."""
+    wandb.teardown()
     try:
-        run = _init(wandb, cfg, run_dir, run_config, resume_id, mode)
-    except Exception as error:  # any failure to reach or configure the server: keep training, offline
-        if mode == "offline":
-            raise
-        print(f"W&B: could not start online ({type(error).__name__}: {error}); logging offline instead",
-              file=sys.stderr)
-        run = _init(wandb, cfg, run_dir, run_config, resume_id, "offline")
-    return Tracker(run_dir, run)
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+        opentelemetry_proxy.disable()
+    except (ImportError, AttributeError):  # another wandb version: nothing to switch off
+        pass
+
+
+def _unreachable(base_url: str, timeout_s: float) -> str | None:
+    """Why the W&B server cannot be reached at all (no connection within the timeout), or None.
+
+    A refused or unroutable address is known in milliseconds here, while wandb.init would keep retrying it."""
+    parsed = urlparse(base_url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout_s):
+            return None
+    except OSError as error:
+        return f"{base_url}: {error.strerror or type(error).__name__}"
 
 
 def _mode(cfg: LogConfig) -> str:
