@@ -376,8 +376,9 @@ def _member(sample: dict[str, Any], name: str) -> bytes:
 
 def decode_npy(data: bytes) -> np.ndarray:
     array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays and pickles raise here
-    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ValueError(f"not a numeric array ({getattr(array, 'dtype', type(array).__name__)})")
+    real = np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)
+    if not isinstance(array, np.ndarray) or not (real or array.dtype == bool):
+        raise ValueError(f"not a real numeric array ({getattr(array, 'dtype', type(array).__name__)})")
     return array.astype(np.float32)
 
 
