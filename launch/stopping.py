@@ -66,7 +66,9 @@ class DriverSignals:
         self.flag, self.signum = flag, 0
 
     def __enter__(self) -> DriverSignals:
-        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # e.g. not when a sweep launches from a thread
+            self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def __exit__(self, *exc: object) -> None:

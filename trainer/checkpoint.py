@@ -170,8 +170,6 @@ def load(engine: Any, run_dir: Path, rank: int, world_size: int, memory: MemoryB
         raise CheckpointError(f"{found}: DeepSpeed could not load this checkpoint")
     if memory is not None:
         load_memory(memory, found / MEMORY_FILE)
-    if not rng_path(found, rank).is_file():
-        raise CheckpointError(f"{found}: no RNG state of rank {rank} ({rng_path(found, rank).name})")
     return state
 
 

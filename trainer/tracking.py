@@ -127,6 +127,8 @@ def _unreachable(base_url: str, timeout_s: float) -> str | None:
     """Why the W&B server cannot be reached at all (no connection within the timeout), or None.
 
     A refused or unroutable address is known in milliseconds here, while wandb.init would keep retrying it."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None  # the server is reached through a proxy: leave the judgement to wandb.init's timeout
     parsed = urlparse(base_url)
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:

@@ -54,7 +54,8 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
         rewind_run_files(run_dir, state.step)
         tracker = start_tracker(cfg.log, run_dir, config.to_dict(cfg), state.tracker_id)
     if resume:  # last, so that nothing after it (W&B's start) moves a stream the uninterrupted run did not
-        checkpoint.restore_rng(checkpoint.rng_path(checkpoint.checkpoint_path(run_dir, state.step), rank))
+        resume_rng(checkpoint.rng_path(checkpoint.checkpoint_path(run_dir, state.step), rank),
+                   reporter if rank == 0 else None)
     loop = TrainLoop(cfg, engine, objective, plan.kind, plan.total_steps, run_dir, rank, world, device, tracker,
                      reporter if rank == 0 else None)
     if resume and loop.reporter is not None:
@@ -81,6 +82,15 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     if reporter is not None:
         reporter.close()
     return final
+
+
+def resume_rng(path: Path, reporter: Reporter | None) -> None:
+    """Restore this rank's RNG streams; a checkpoint of an older Twinscale has none: resume, but not bitwise."""
+    if path.is_file():
+        checkpoint.restore_rng(path)
+    elif reporter is not None:
+        reporter.message(f"{path.parent}: no RNG state ({path.name}); the resumed run continues with fresh random "
+                         f"streams, so it will not match an uninterrupted run bit for bit")
 
 
 def main(argv: list[str] | None = None) -> int:
