@@ -7,7 +7,9 @@ the uninterrupted torchrun reference: the same workers, stream, RNG streams and 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -27,11 +29,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def ray_env(tmp_path: Path) -> dict[str, str]:
-    """A Ray temp dir of this test's own (short: Ray's socket paths have a length limit)."""
+def ray_env(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A Ray temp dir of this test's own (short: Ray's socket paths have a length limit), removed afterwards."""
     short = Path("/tmp") / f"tsr{os.getpid()}{tmp_path.name[-6:]}"
     short.mkdir(exist_ok=True)
-    return environment(RAY_TMPDIR=str(short))
+    yield environment(RAY_TMPDIR=str(short))
+    shutil.rmtree(short, ignore_errors=True)
 
 
 def train_workers(driver: int) -> list[psutil.Process]:
