@@ -155,6 +155,12 @@ def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int
     print(f"twinscale: run {cfg.run_dir} — {cfg.dist.workers} workers, {plan.total_steps} steps "
           f"({plan.kind} shards, global batch {cfg.data.batch_size * cfg.dist.workers})", file=sys.stderr)
     final = launch(cfg, address=address, resume=resume, verbose=verbose)
+    if "stopped_by" in final:
+        import signal
+
+        print(f"twinscale: stopped by {final['stopped_by']}; newest checkpoint {final['checkpoint']}; continue with "
+              f"`twinscale resume {cfg.run_dir}`", file=sys.stderr)
+        return 128 + signal.Signals[final["stopped_by"]].value
     print(format_table({**final, "run_dir": str(cfg.run_dir), "model": str(cfg.run_dir / "model"),
                         "checkpoints": str(cfg.run_dir / "checkpoints")}))
     return 0

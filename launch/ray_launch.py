@@ -2,6 +2,8 @@
 
 Ray is started for the run on this machine unless an address is given. Workers' own output is not forwarded
 (unless verbose): rank 0 sends its progress through a Ray queue and this driver draws the one progress bar.
+SIGTERM/SIGINT to the driver reach the workers through a small actor: they save and stop after their current
+step. With `dist.max_failures`, Ray restarts a failed worker group and the workers resume the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from launch import stopping
 from trainer import config
 from trainer.config import Config
 from trainer.progress import ConsoleProgress
@@ -73,10 +76,11 @@ class QueueReporter:
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
-    """What every Ray Train worker runs."""
+    """What every Ray Train worker runs (again, after a restart: then it resumes the newest checkpoint)."""
     import ray.train
 
     from trainer import train
+    from trainer.checkpoint import latest_checkpoint
 
     quiet_worker_logs()
     if loop_config.get("wandb_group"):
@@ -84,7 +88,10 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     cfg = config.from_dict(loop_config["config"], origin="<launched run>")
     rank = ray.train.get_context().get_world_rank()
     reporter = QueueReporter(loop_config["queue"], cfg.run_dir) if rank == 0 else None
-    train.run(cfg, reporter, resume=loop_config["resume"])
+    if loop_config.get("stop") is not None:
+        stopping.forward_stop(loop_config["stop"])
+    resume = loop_config["resume"] or latest_checkpoint(cfg.run_dir) is not None  # a restart after a failure
+    train.run(cfg, reporter, resume=resume)
 
 
 def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> None:
@@ -110,27 +117,31 @@ def launch(cfg: Config, *, address: str | None = None, resume: bool = False, ver
 
     start_ray(address, verbose)
     try:
-        queue = Queue()
-        trainer = build_trainer(cfg, queue, resume=resume)
+        queue, stop = Queue(), stopping.stop_flag_class().remote()
+        trainer = build_trainer(cfg, queue, resume=resume, stop=stop)
         progress = ProgressPump(queue)
         progress.start()
         try:
-            trainer.fit()
+            with stopping.DriverSignals(stop) as signals:
+                stopping.fit_in_thread(trainer)
         finally:
             progress.stop()
     finally:
         ray.shutdown()
+    if signals.signum:
+        return stopping.stopped_run(cfg.run_dir, signals.signum)
     return read_final_metrics(cfg.run_dir)
 
 
-def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | None = None) -> Any:
+def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | None = None,
+                  stop: Any = None) -> Any:
     """The TorchTrainer of one run on the connected Ray cluster (`launch`, a sweep trial, a submitted job).
 
     Ray Train's own state goes to `<run_dir>/ray`, so a run's storage path is its run directory: on a multi-node
     cluster, `output_dir` must be a path every node shares.
     """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = cfg.dist.device == "cuda" or (
@@ -138,11 +149,12 @@ def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | N
     return TorchTrainer(
         _worker_entry,
         train_loop_config={"config": config.to_dict(cfg), "resume": resume, "queue": queue,
-                           "wandb_group": wandb_group},
+                           "wandb_group": wandb_group, "stop": stop},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.dist.timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.dist.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
-        run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir.resolve())),
+        run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir.resolve()),
+                             failure_config=FailureConfig(max_failures=cfg.dist.max_failures)),
     )
 
 

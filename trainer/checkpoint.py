@@ -1,44 +1,60 @@
 """Checkpoints and the state contract of a run.
 
-Layout: `<run_dir>/checkpoints/step_00000120/` holds every rank's DeepSpeed files, the cross-batch memory
-(`memory.safetensors`, identical on every rank, written by rank 0) when it is on, and, written last by rank 0
-once all ranks have finished, `run_state.json`. A checkpoint is complete only when that file exists, so
-"latest" is the newest directory that has it; older complete checkpoints beyond `keep_last` are removed.
-Nothing here unpickles: run state is JSON and DeepSpeed files load with `weights_only=True` (engine.py).
+Layout: `<run_dir>/checkpoints/step_00000120/` holds every rank's DeepSpeed files (model, optimizer, schedule),
+every rank's RNG states (`rng_rank_00000.safetensors`), the cross-batch memory (`memory.safetensors`, identical on
+every rank, written by rank 0) when it is on, and `run_state.json` (step, epoch, stream position, counters).
+
+A save is atomic: every rank writes into `checkpoints/.staging-step_00000120/`; the ranks then agree (one
+all-reduce) that every write succeeded; only then rank 0 writes `run_state.json` and renames the directory to
+`step_00000120`. A crash, a kill or a full disk during a save therefore leaves at most a staging directory,
+which is never resumed from and is removed by the next save; the previous checkpoint stays the newest complete
+one. Only complete checkpoints count towards `keep_last`, and older ones are pruned only after the new one is
+in place. Nothing here unpickles: run state is JSON, RNG states and the memory bank are safetensors, and
+DeepSpeed files load with `weights_only=True` (engine.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, safe_open, save_file
 
 from trainer.errors import CheckpointError
 from trainer.objectives.memory import MemoryBank
 
 STATE_FILE = "run_state.json"
 MEMORY_FILE = "memory.safetensors"
+STAGING_PREFIX = ".staging-"
 
 
 @dataclass
 class RunState:
-    """Everything besides DeepSpeed's own state that a resumed run needs."""
+    """Everything besides DeepSpeed's own state that a resumed run needs (saved as JSON by rank 0)."""
 
     step: int = 0
-    """Optimizer steps taken."""
+    """Optimizer steps taken (skipped non-finite steps included)."""
     epoch: int = 0
     """Epoch the next step belongs to."""
     batches_into_epoch: int = 0
-    """Batches of `epoch` already consumed on every rank."""
+    """Batches of `epoch` already consumed on every rank: the stream position within the epoch."""
+    shard_order: list[str] = field(default_factory=list)
+    """The shard files of `epoch` in their shuffled order; a resume checks that the shards still give it."""
+    world_size: int = 0
+    """Workers that wrote the checkpoint; the stream is split by rank, so an exact resume needs as many."""
     samples_seen: int = 0
     """Training samples consumed over all workers."""
+    nonfinite_steps: int = 0
+    """Steps skipped so far because the loss or a gradient was NaN or infinite."""
     tracker_id: str | None = None
     """W&B run id, so a resumed run logs into the same W&B run."""
 
@@ -57,11 +73,17 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first (staging directories never count)."""
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / STATE_FILE).is_file())
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).is_file())
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    """The directory of the checkpoint of `step`."""
+    return checkpoints_dir(run_dir) / f"step_{step:08d}"
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -72,34 +94,83 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save(engine: Any, run_dir: Path, state: RunState, keep_last: int, rank: int,
          memory: MemoryBank | None = None) -> Path:
-    """Save on every rank (DeepSpeed's save is collective), then mark complete and prune on rank 0."""
-    tag = f"step_{state.step:08d}"
-    engine.save_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, save_latest=False)
-    target = checkpoints_dir(run_dir) / tag
-    if rank == 0 and memory is not None:
-        save_file(memory.state_dict(), target / MEMORY_FILE)
-    if dist.is_initialized():
-        dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    """Save on every rank (DeepSpeed's save is collective) into a staging directory, then publish it atomically.
+
+    Raises CheckpointError on every rank when any rank failed to write (a full disk, a lost mount): the run
+    stops with the previous checkpoint intact instead of training on without one.
+    """
+    root, target = checkpoints_dir(run_dir), checkpoint_path(run_dir, state.step)
+    staging = root / f"{STAGING_PREFIX}{target.name}"
     if rank == 0:
-        write_json_atomic(target / STATE_FILE, asdict(state))
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(f"{STAGING_PREFIX}*"):  # from a save that crashed
+            shutil.rmtree(leftover, ignore_errors=True)
+    _barrier()
+    failure = _write_rank_files(engine, staging, rank, memory)
+    failed_ranks = _ranks_failing(failure is not None)
+    if failed_ranks:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = latest_checkpoint(run_dir)
+        reason = f": {failure}" if failure else f" on rank(s) {', '.join(map(str, failed_ranks))}"
+        raise CheckpointError(f"{target}: checkpoint could not be written{reason}; the newest complete checkpoint "
+                              f"is {previous if previous else 'none'} (resume from it once the storage is fixed)")
+    if rank == 0:
+        write_json_atomic(staging / STATE_FILE, asdict(state))
+        _publish(staging, target)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    if dist.is_initialized():
-        dist.barrier()
+    _barrier()
     return target
 
 
-def load(engine: Any, run_dir: Path, memory: MemoryBank | None = None) -> RunState:
-    """Restore DeepSpeed state (and the memory bank) from the newest complete checkpoint; return the run state."""
+def _write_rank_files(engine: Any, staging: Path, rank: int, memory: MemoryBank | None) -> str | None:
+    """This rank's share of a checkpoint; returns what went wrong instead of raising, so ranks stay in step."""
+    writer = engine.checkpoint_engine
+    writer.write_error = None  # DeepSpeed's save stays collective: the checkpoint engine records, never raises
+    engine.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
+    if writer.write_error is not None:
+        return str(writer.write_error)
+    try:
+        tensors, metadata = capture_rng()
+        save_file(tensors, rng_path(staging, rank), metadata=metadata)
+        if rank == 0 and memory is not None:
+            save_file(memory.state_dict(), staging / MEMORY_FILE)
+    except (OSError, SafetensorError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Rename the finished staging directory into place (replacing an older save of the same step)."""
+    _fsync_tree(staging)
+    if target.exists():
+        replaced = target.with_name(f"{STAGING_PREFIX}replaced-{target.name}")
+        os.replace(target, replaced)
+        os.replace(staging, target)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.replace(staging, target)
+    _fsync_dir(target.parent)
+
+
+def load(engine: Any, run_dir: Path, rank: int, world_size: int, memory: MemoryBank | None = None) -> RunState:
+    """Restore DeepSpeed state and the memory bank from the newest complete checkpoint; return its run state.
+
+    The RNG streams are restored separately (`restore_rng`), right before the first step."""
     found = latest_checkpoint(run_dir)
     if found is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from under {checkpoints_dir(run_dir)}")
+    state = RunState.from_json(found / STATE_FILE)
+    if state.world_size and state.world_size != world_size:
+        raise CheckpointError(f"{found}: written by {state.world_size} workers, but this run has {world_size}; "
+                              f"the data stream is split by rank, so resume with dist.workers={state.world_size}")
     loaded, _ = engine.load_checkpoint(str(found.parent), tag=found.name, load_module_strict=True)
     if loaded is None:
         raise CheckpointError(f"{found}: DeepSpeed could not load this checkpoint")
     if memory is not None:
         load_memory(memory, found / MEMORY_FILE)
-    return RunState.from_json(found / STATE_FILE)
+    return state
 
 
 def load_memory(memory: MemoryBank, path: Path) -> None:
@@ -113,9 +184,94 @@ def load_memory(memory: MemoryBank, path: Path) -> None:
         raise CheckpointError(f"{path}: unreadable memory bank ({error})") from None
 
 
+# --- RNG streams: torch (CPU and the worker's GPU), numpy's global generator and Python's `random`. ---
+
+def rng_path(checkpoint: Path, rank: int) -> Path:
+    """Where rank `rank` keeps its RNG states inside a checkpoint."""
+    return checkpoint / f"rng_rank_{rank:05d}.safetensors"
+
+
+def capture_rng() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's RNG states as tensors plus string metadata (a safetensors file, never a pickle)."""
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, python_state, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(),
+               "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+               "python": torch.tensor(python_state, dtype=torch.int64)}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    metadata = {"numpy_position": str(position), "numpy_has_gauss": str(has_gauss),
+                "numpy_cached_gaussian": repr(float(cached_gaussian)), "python_version": str(version),
+                "python_gauss_next": repr(gauss_next)}
+    return tensors, metadata
+
+
+def restore_rng(path: Path) -> None:
+    """Put this process's RNGs back to the states `capture_rng` saved at `path`."""
+    try:
+        with safe_open(str(path), framework="pt") as saved:
+            tensors = {key: saved.get_tensor(key) for key in saved.keys()}  # noqa: SIM118 (not a dict)
+            meta = saved.metadata() or {}
+        gauss_next = None if meta["python_gauss_next"] == "None" else float(meta["python_gauss_next"])
+        torch.set_rng_state(tensors["torch"])
+        if "cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["cuda"])
+        np.random.set_state(("MT19937", tensors["numpy_keys"].numpy().astype(np.uint32),
+                             int(meta["numpy_position"]), int(meta["numpy_has_gauss"]),
+                             float(meta["numpy_cached_gaussian"])))
+        random.setstate((int(meta["python_version"]), tuple(int(v) for v in tensors["python"].tolist()),
+                         gauss_next))
+    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: unreadable RNG state ({type(error).__name__}: {error})") from None
+
+
+# --- Collectives of the save protocol (no-ops without a process group). ---
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _ranks_failing(failed: bool) -> list[int]:
+    """The ranks that report a failure; every rank gets the same answer."""
+    if not dist.is_initialized():
+        return [0] if failed else []
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+    flags[dist.get_rank()] = int(failed)
+    dist.all_reduce(flags)
+    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+
+
+# --- Files ---
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON to a temporary file and rename it into place, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    with open(temporary, "w") as out:
+        out.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(temporary, path)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush every file of a finished checkpoint to the storage before it is declared complete."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems do not sync directories
+    finally:
+        os.close(handle)

@@ -161,6 +161,10 @@ class OptimConfig(Section):
     """Micro-batches per step; needs `feature_cache`, so the loss still sees the whole batch as negatives."""
     feature_cache: bool = False
     """GradCache: embed the step's batch in micro-batches without grad, take the loss on all of it, replay each."""
+    nonfinite: Literal["skip", "stop"] = "skip"
+    """What a step whose loss or gradients are NaN or infinite does: skipped without an update, or stops the run."""
+    max_nonfinite_steps: int = Field(10, ge=0)
+    """Non-finite steps skipped before the run stops anyway (the newest checkpoint stays intact)."""
 
 
 class DistConfig(Section):
@@ -180,6 +184,8 @@ class DistConfig(Section):
     """Extra DeepSpeed config entries merged over the generated ones."""
     timeout_s: int = Field(600, ge=10)
     """Collective timeout, after which a stuck worker fails instead of hanging."""
+    max_failures: int = Field(0, ge=-1)
+    """Ray: worker-group restarts after a worker dies (-1: unlimited); each restart resumes the newest checkpoint."""
 
 
 class CheckpointConfig(Section):

@@ -23,3 +23,7 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or run directory that cannot be resumed or loaded."""
+
+
+class NumericalError(UserError):
+    """A run stopped on a NaN/Inf loss or gradient (usually a learning rate or data problem)."""

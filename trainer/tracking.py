@@ -8,12 +8,18 @@ so a resumed run continues its step axis.
 from __future__ import annotations
 
 import json
+import math
 import os
+import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+from urllib.parse import urlparse
 
 from trainer.config import LogConfig
+
+METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "train_loss.jsonl"
 
 
 class Tracker:
@@ -22,10 +28,27 @@ class Tracker:
     def __init__(self, run_dir: Path, wandb_run: Any = None) -> None:
         self.run_dir = run_dir
         self.wandb_run = wandb_run
+        self.steps_file: IO[str] | None = None
+
+    def close_files(self) -> None:
+        """Close train_loss.jsonl (a stopped run ends here; W&B then flushes on exit)."""
+        if self.steps_file is not None:
+            self.steps_file.close()
+            self.steps_file = None
 
     @property
     def run_id(self) -> str | None:
         return None if self.wandb_run is None else str(self.wandb_run.id)
+
+    def log_step(self, step: int, epoch: int, loss: float, lr: float, skipped: bool) -> None:
+        """One line per training step in train_loss.jsonl (loss as its exact float; null when not finite)."""
+        if self.steps_file is None:
+            self.steps_file = open(self.run_dir / STEPS_FILE, "a")  # noqa: SIM115 (held open for the run)
+        row = {"step": step, "epoch": epoch, "loss": loss if math.isfinite(loss) else None, "lr": lr}
+        if skipped:
+            row["skipped"] = True
+        self.steps_file.write(json.dumps(row) + "\n")
+        self.steps_file.flush()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Training metrics (W&B only; they are frequent)."""
@@ -34,33 +57,85 @@ class Tracker:
 
     def log_eval(self, metrics: dict[str, float], step: int) -> None:
         """Evaluation metrics: one JSON line in metrics.jsonl, and W&B under `eval/`."""
-        with open(self.run_dir / "metrics.jsonl", "a") as out:
+        with open(self.run_dir / METRICS_FILE, "a") as out:
             out.write(json.dumps({"step": step, **metrics}) + "\n")
         self.log({f"eval/{key}": value for key, value in metrics.items()}, step)
 
     def finish(self, summary: dict[str, Any]) -> None:
         """Record the final summary and close W&B."""
+        self.close_files()
         if self.wandb_run is not None:
             self.wandb_run.summary.update(summary)
             self.wandb_run.finish()
 
 
+def rewind_run_files(run_dir: Path, step: int) -> None:
+    """Drop the lines of metrics.jsonl and train_loss.jsonl written after `step` (by a run that then crashed or
+    was killed): the resumed run writes them again, so each file holds one line per step, as if uninterrupted."""
+    for name in (METRICS_FILE, STEPS_FILE):
+        path = run_dir / name
+        if not path.is_file():
+            continue
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _line_step(line) <= step]
+        if len(kept) != len(lines):
+            temporary = path.with_name(f".{name}.tmp")
+            temporary.write_text("".join(kept))
+            os.replace(temporary, path)
+
+
+def _line_step(line: str) -> float:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill: dropped
+
+
 def start_tracker(cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], resume_id: str | None) -> Tracker:
-    """A tracker for rank 0, with W&B started unless disabled."""
+    """A tracker for rank 0, with W&B started unless disabled; online W&B falls back to offline, saying so once."""
     if not cfg.wandb:
         return Tracker(run_dir)
     import wandb
 
     mode = _mode(cfg)
+    if mode == "online":
+        problem = _unreachable(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"), cfg.init_timeout_s)
+        if problem is None:
+            try:
+                return Tracker(run_dir, _init(wandb, cfg, run_dir, run_config, resume_id, mode))
+            except Exception as error:  # any failure to reach or configure the server: keep training, offline
+                problem = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                _forget_server(wandb)
+        print(f"W&B: cannot log online ({problem}); logging offline to {run_dir / 'wandb'} instead "
+              f"(`wandb sync` uploads it later)", file=sys.stderr)
+    return Tracker(run_dir, _init(wandb, cfg, run_dir, run_config, resume_id, "offline"))
+
+
+def _forget_server(wandb: Any) -> None:
+    """After a failed online start: stop wandb's service, and its analytics, from retrying the dead server at exit
+    (measured: 20-30 s of a finished run's exit spent posting to a server that never answers)."""
+    wandb.teardown()
     try:
-        run = _init(wandb, cfg, run_dir, run_config, resume_id, mode)
-    except Exception as error:  # any failure to reach or configure the server: keep training, offline
-        if mode == "offline":
-            raise
-        print(f"W&B: could not start online ({type(error).__name__}: {error}); logging offline instead",
-              file=sys.stderr)
-        run = _init(wandb, cfg, run_dir, run_config, resume_id, "offline")
-    return Tracker(run_dir, run)
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+        opentelemetry_proxy.disable()
+    except (ImportError, AttributeError):  # another wandb version: nothing to switch off
+        pass
+
+
+def _unreachable(base_url: str, timeout_s: float) -> str | None:
+    """Why the W&B server cannot be reached at all (no connection within the timeout), or None.
+
+    A refused or unroutable address is known in milliseconds here, while wandb.init would keep retrying it."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return None  # the server is reached through a proxy: leave the judgement to wandb.init's timeout
+    parsed = urlparse(base_url)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout_s):
+            return None
+    except OSError as error:
+        return f"{base_url}: {error.strerror or type(error).__name__}"
 
 
 def _mode(cfg: LogConfig) -> str:

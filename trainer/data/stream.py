@@ -23,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import heapq
 import io
 import logging
 import random
+import signal
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,22 +135,40 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
     pass yields fewer of them (classes short of K at the end are unused), and `_take` tops the rank up.
     """
     index = read_index(shard_dir)
-    try:
-        plan = plan_epoch(index, seed=seed, epoch=epoch, world_size=world_size,
-                          loader_workers=cfg.loader_workers, batch_size=cfg.batch_size)
-    except DataError as error:
-        raise DataError(f"{shard_dir}: {error}") from None
+    plan = epoch_plan(shard_dir, cfg, seed=seed, epoch=epoch, world_size=world_size, index=index)
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     check_balanced_shards(index, cfg, shard_dir)
 
     def open_pass(number: int) -> torch.utils.data.DataLoader:
-        pipeline = _pipeline(Path(shard_dir), index, cfg, plan.slots[rank], cfg.batch_size,
-                             stream=_StreamSeed(seed, epoch, rank, number))
-        return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers)
+        stream = _StreamSeed(seed, epoch, rank, number)
+        pipeline = _pipeline(Path(shard_dir), index, cfg, plan.slots[rank], cfg.batch_size, stream=stream)
+        # The loader draws its workers' base seed from `generator`, not from torch's global RNG: opening an epoch
+        # must not move the stream that dropout draws from, or a resumed run would drift from an uninterrupted one.
+        return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers,
+                                           generator=stream.torch_generator(),
+                                           worker_init_fn=_ignore_stop_signals)
 
     return _take(open_pass, plan.batches_per_rank, skip_batches, f"{shard_dir} (rank {rank}, epoch {epoch})",
                  balanced=cfg.classes_per_batch is not None)
+
+
+def epoch_plan(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, world_size: int,
+               index: ShardIndex | None = None) -> EpochPlan:
+    """The plan of one training epoch, with errors naming the shard directory."""
+    try:
+        return plan_epoch(index or read_index(shard_dir), seed=seed, epoch=epoch, world_size=world_size,
+                          loader_workers=cfg.loader_workers, batch_size=cfg.batch_size)
+    except DataError as error:
+        raise DataError(f"{shard_dir}: {error}") from None
+
+
+def _ignore_stop_signals(worker: int) -> None:
+    # A scheduler's SIGTERM or a terminal's Ctrl-C reaches the whole process group. The training process
+    # finishes its step and saves; its DataLoader workers must not die under it meanwhile. They still end with
+    # their parent (torch sets PR_SET_PDEATHSIG on them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int) -> Iterator[Batch]:
@@ -276,6 +296,11 @@ class _StreamSeed:
         suffix = (f"/{stage}" if stage else "") + (f"/pass{self.pass_index}" if self.pass_index else "")
         return random.Random(f"twinscale/{self.seed}/{self.epoch}/{self.rank}/{_worker_id()}{suffix}")
 
+    def torch_generator(self) -> torch.Generator:
+        """The DataLoader's own generator (it seeds the loader workers' torch RNG), a function of this pass."""
+        key = f"twinscale/{self.seed}/{self.epoch}/{self.rank}/pass{self.pass_index}/loader".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "little"))
+
     def shuffle(self, bufsize: int, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """Shuffle buffer stage (bind `bufsize` with functools.partial), seeded when iteration starts."""
         return wds.shuffle(bufsize, initial=bufsize, rng=self.rng())(samples)
@@ -351,8 +376,9 @@ def _member(sample: dict[str, Any], name: str) -> bytes:
 
 def decode_npy(data: bytes) -> np.ndarray:
     array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays and pickles raise here
-    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
-        raise ValueError(f"not a numeric array ({getattr(array, 'dtype', type(array).__name__)})")
+    real = np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)
+    if not isinstance(array, np.ndarray) or not (real or array.dtype == bool):
+        raise ValueError(f"not a real numeric array ({getattr(array, 'dtype', type(array).__name__)})")
     return array.astype(np.float32)
 
 

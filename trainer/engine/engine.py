@@ -91,11 +91,24 @@ def safe_checkpoint_engine() -> Any:
 
     DeepSpeed 0.19 loads its own checkpoint files with `weights_only=False`, which would run any pickled code
     in them. Its files hold tensors, numbers, strings and containers, plus a few DeepSpeed classes that are
-    allow-listed here by name.
+    allow-listed here by name. Failed writes are recorded in `write_error` instead of raised (see
+    trainer.checkpoint.save).
     """
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
     class SafeTorchCheckpointEngine(TorchCheckpointEngine):
+        write_error: str | None = None
+        """The first failed write of the current save. Recorded, not raised: a rank that raised out of DeepSpeed's
+        collective save would leave the others waiting at its barrier (trainer.checkpoint makes them agree)."""
+
+        def save(self, state_dict: Any, path: str) -> None:
+            if self.write_error is not None:
+                return
+            try:
+                super().save(state_dict, path)
+            except (OSError, RuntimeError) as error:  # torch.save reports a failed write as RuntimeError
+                self.write_error = f"{path}: {type(error).__name__}: {error}"
+
         def load(self, path: str, map_location: Any = None) -> Any:
             with torch.serialization.safe_globals(_deepspeed_safe_globals()):
                 return torch.load(path, map_location=map_location, weights_only=True)
