@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from trainer import config
 from trainer.config import Config
-from trainer.progress import ConsoleProgress
+from trainer.progress import ConsoleProgress, record_timeline
 
 QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -82,7 +83,9 @@ def launch(cfg: Config, *, address: str | None = None, resume: bool = False, ver
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
+    timeline = {"launch": time.time()}
     start_ray(address, verbose)
+    timeline["ray_started"] = time.time()
     try:
         use_gpu = cfg.dist.device == "cuda" or (
             cfg.dist.device == "auto" and ray.cluster_resources().get("GPU", 0) >= cfg.dist.workers)
@@ -98,11 +101,15 @@ def launch(cfg: Config, *, address: str | None = None, resume: bool = False, ver
         progress = _ProgressPump(queue)
         progress.start()
         try:
+            timeline["fit_start"] = time.time()
             trainer.fit()
+            timeline["fit_end"] = time.time()
         finally:
             progress.stop()
     finally:
         ray.shutdown()
+    timeline["ray_stopped"] = time.time()
+    record_timeline(cfg.run_dir, timeline)
     return read_final_metrics(cfg.run_dir)
 
 

@@ -6,6 +6,7 @@ every collective, DeepSpeed's checkpoint save included.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,25 +67,40 @@ class TrainLoop:
     corrupt_by_worker: dict[tuple[int, int], int] = field(default_factory=dict)
     """Corrupt samples skipped, by (epoch, DataLoader worker): each epoch's workers count from zero."""
     last_eval: dict[str, float] = field(default_factory=dict)
+    timeline: dict[str, float] = field(default_factory=dict)
+    """Wall-clock marks of this process's start-up: loop start, first batch, first step, loop end."""
 
     def run(self, state: RunState) -> RunState:
+        self.timeline["loop_start"] = time.time()
         if self.reporter is not None:
             self.reporter.start(self.total_steps, state.step)
+        upcoming: Iterator[dict] | None = None
         while state.step < self.total_steps:
             # Resuming inside an epoch skips the batches already consumed: the stream is a function of
             # (seed, epoch, rank, worker) alone.
-            batches = train_batches(self.cfg.data.train, self.cfg.data, seed=self.cfg.seed, epoch=state.epoch,
-                                    rank=self.rank, world_size=self.world_size, skip_batches=state.batches_into_epoch)
+            batches = upcoming or self._batches(state.epoch, state.batches_into_epoch)
+            # The next epoch's loader starts now, so its first batches are ready when this epoch ends (a new
+            # loader's workers fill their shuffle buffer first, which would otherwise stall every epoch start).
+            upcoming = self._batches(state.epoch + 1, 0, start=True)
             for batch in batches:
+                if "first_step" not in self.timeline:
+                    self.timeline["first_batch"] = time.time()
                 self._step(batch, state)
+                self.timeline.setdefault("first_step", time.time())
                 state.batches_into_epoch += 1
                 self._after_step(state)
                 if state.step >= self.total_steps:
                     break
             else:
                 state.epoch, state.batches_into_epoch = state.epoch + 1, 0
+        upcoming = None  # stops the unused next epoch's loader workers
+        self.timeline["loop_end"] = time.time()
         self._finish(state)
         return state
+
+    def _batches(self, epoch: int, skip: int, start: bool = False) -> Iterator[dict]:
+        return train_batches(self.cfg.data.train, self.cfg.data, seed=self.cfg.seed, epoch=epoch, rank=self.rank,
+                             world_size=self.world_size, skip_batches=skip, start=start)
 
     def _step(self, batch: dict, state: RunState) -> None:
         started = time.perf_counter()
