@@ -188,7 +188,7 @@ def stream_large(directory: Path, loader_workers: int, batch_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipes", nargs="+", choices=sorted(RECIPES), default=["images", "vectors"])
+    parser.add_argument("--recipes", nargs="*", choices=sorted(RECIPES), default=["images", "vectors"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=4, help="epochs streamed per repeat")
     parser.add_argument("--steps", type=int, default=40, help="training steps timed per repeat")

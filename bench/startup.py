@@ -73,7 +73,8 @@ def show(label: str, runs: list[dict[str, float]]) -> None:
 
     print(f"{label} ({len(runs)} runs, medians; seconds):")
     for name, start, end in PHASES:
-        if all(start in r and end in r for r in runs):
+        torchrun_only = name.startswith("worker start (torchrun")
+        if all(start in r and end in r for r in runs) and torchrun_only == ("launch" not in runs[0]):
             print(f"  {name:<68} {median(end) - median(start):7.1f}")
     def each(key: str, digits: int) -> str:
         return ", ".join(f"{r[key]:.{digits}f}" for r in runs)

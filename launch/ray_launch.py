@@ -23,6 +23,13 @@ QUIET_ENV = {
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
 }
 
+# A Ray started for one run serves that run alone: Ray Train's preemption watcher (an extra process polling the
+# cluster's nodes) and its metrics export would only take CPU from the training workers.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
 
 def quiet_worker_logs() -> None:
     """Worker setup hook: Ray's train loggers and DeepSpeed's at WARNING."""
@@ -37,16 +44,21 @@ class QueueReporter:
         self.queue = queue
 
     def start(self, total_steps: int, first_step: int) -> None:
-        self.queue.put_nowait(("start", (total_steps, first_step)))
+        self._send(("start", (total_steps, first_step)))
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        self.queue.put_nowait(("update", (step, metrics)))
+        self._send(("update", (step, metrics)))
 
     def message(self, text: str) -> None:
-        self.queue.put_nowait(("message", (text,)))
+        self._send(("message", (text,)))
 
     def close(self) -> None:
-        self.queue.put_nowait(("close", ()))
+        self._send(("close", ()))
+
+    def _send(self, item: tuple[str, tuple]) -> None:
+        # Fire and forget: Queue.put_nowait would wait for the queue actor's reply, a round trip on rank 0's
+        # training thread (the queue is unbounded, so the put cannot fail; one caller's calls keep their order).
+        self.queue.actor.put_nowait.remote(item)
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
@@ -66,13 +78,14 @@ def start_ray(address: str | None, verbose: bool) -> None:
     """Connect to a cluster at `address`, or start a local Ray for this run."""
     import ray
 
-    os.environ.update(QUIET_ENV)
+    env = {**QUIET_ENV, **(LOCAL_RAY_ENV if address is None else {})}
+    os.environ.update(env)
     ray.init(
         address=address,
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
         include_dashboard=False if address is None else None,
-        runtime_env={"env_vars": dict(QUIET_ENV), "worker_process_setup_hook": "launch.ray_launch.quiet_worker_logs"},
+        runtime_env={"env_vars": env, "worker_process_setup_hook": "launch.ray_launch.quiet_worker_logs"},
     )
 
 
