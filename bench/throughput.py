@@ -15,7 +15,9 @@ then alternate timed blocks of `--steps` steps, so both see the same machine loa
   PML's `DistributedLossWrapper`/`DistributedMinerWrapper(efficient=True)` when W > 1: local anchors against
   the gathered batch, the same amount of work as Twinscale's exact objective).
 
-Samples/s are wall-clock over a block (waiting for data included), global batch × steps / seconds. Every
+Samples/s are wall-clock over a block (waiting for data included), global batch × steps / seconds. CPU µs per
+sample (rank 0's process and its DataLoader workers, over its local samples) say what each contender costs
+whatever else the machine runs: their ratio is what the throughput ratio becomes when no core is idle. Every
 block starts after a barrier; each contender first runs `--warmup` untimed steps. The order of the two
 contenders alternates from one repeat to the next; the figure is the median over repeats of each ratio.
 Only labeled recipes (digits images or vectors) are supported: the bare loop slices class-labeled tensors.
@@ -173,13 +175,30 @@ class TwinscaleSteps:
 
 # --- the run -------------------------------------------------------------------------------------------------
 
-def timed_block(contender: Any, steps: int) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process and of its DataLoader workers, live or finished."""
+    import psutil
+
+    me = psutil.Process()
+    own = me.cpu_times()
+    total = own.user + own.system + own.children_user + own.children_system
+    for child in me.children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def timed_block(contender: Any, steps: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this rank and its loader workers) of `steps` steps."""
     dist.barrier()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(steps):
         contender.step()
     dist.barrier()
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_seconds() - cpu
 
 
 def worker(rank: int, world_size: int, port: int, cfg: Any, args: argparse.Namespace, results: Any) -> None:
@@ -206,13 +225,14 @@ def worker(rank: int, world_size: int, port: int, cfg: Any, args: argparse.Names
         for repeat in range(args.repeats):
             order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
             for name in order:
-                seconds = timed_block(contenders[name], args.steps)
+                seconds, cpu = timed_block(contenders[name], args.steps)
                 if rank == 0:
-                    results.put((world_size, repeat, name, global_batch * args.steps / seconds))
+                    local = cfg.data.batch_size * args.steps
+                    results.put((world_size, repeat, name, global_batch * args.steps / seconds, cpu / local * 1e6))
     dist.destroy_process_group()
 
 
-def measure(cfg: Any, world_size: int, args: argparse.Namespace) -> list[tuple[int, int, str, float]]:
+def measure(cfg: Any, world_size: int, args: argparse.Namespace) -> list[tuple[int, int, str, float, float]]:
     context = mp.get_context("spawn")
     results = context.Queue()
     mp.start_processes(worker, args=(world_size, free_port(), cfg, args, results), nprocs=world_size,
@@ -220,19 +240,30 @@ def measure(cfg: Any, world_size: int, args: argparse.Namespace) -> list[tuple[i
     return [results.get(timeout=60) for _ in range(2 * args.repeats)]
 
 
-def report(rows: list[tuple[int, int, str, float]], world_size: int) -> float:
-    by_repeat: dict[int, dict[str, float]] = {}
-    for _, repeat, name, value in rows:
-        by_repeat.setdefault(repeat, {})[name] = value
-    ratios = [r["twinscale"] / r["bare"] for r in by_repeat.values()]
-    for repeat, r in sorted(by_repeat.items()):
-        print(f"  workers {world_size}  repeat {repeat}: twinscale {r['twinscale']:8.0f}  bare {r['bare']:8.0f}  "
-              f"ratio {r['twinscale'] / r['bare']:.3f}")
+def report(rows: list[tuple[int, int, str, float, float]], world_size: int) -> float:
+    rate: dict[int, dict[str, float]] = {}
+    cpu: dict[int, dict[str, float]] = {}
+    for _, repeat, name, samples_per_s, cpu_us in rows:
+        rate.setdefault(repeat, {})[name] = samples_per_s
+        cpu.setdefault(repeat, {})[name] = cpu_us
+    ratios = [r["twinscale"] / r["bare"] for r in rate.values()]
+    cpu_ratios = [c["bare"] / c["twinscale"] for c in cpu.values()]
+    for repeat in sorted(rate):
+        r, c = rate[repeat], cpu[repeat]
+        print(f"  workers {world_size}  repeat {repeat}: twinscale {r['twinscale']:7.0f} samples/s "
+              f"({c['twinscale']:5.0f} CPU µs/sample)  bare {r['bare']:7.0f} ({c['bare']:5.0f})  "
+              f"ratio {r['twinscale'] / r['bare']:.3f}  CPU ratio {c['bare'] / c['twinscale']:.3f}")
     median = statistics.median(ratios)
-    twin = statistics.median(r["twinscale"] for r in by_repeat.values())
-    bare = statistics.median(r["bare"] for r in by_repeat.values())
-    print(f"workers {world_size}: twinscale {twin:.0f} samples/s, bare {bare:.0f} samples/s (medians), "
-          f"ratio median {median:.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} repeats)")
+
+    def mid(table: dict[int, dict[str, float]], name: str) -> float:
+        return statistics.median(t[name] for t in table.values())
+
+    print(f"workers {world_size}: twinscale {mid(rate, 'twinscale'):.0f} samples/s, bare {mid(rate, 'bare'):.0f} "
+          f"samples/s (medians); ratio median {median:.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, "
+          f"{len(ratios)} repeats)")
+    print(f"workers {world_size}: CPU per local sample (rank 0 and its loader workers): twinscale "
+          f"{mid(cpu, 'twinscale'):.0f} µs, bare {mid(cpu, 'bare'):.0f} µs; bare/twinscale median "
+          f"{statistics.median(cpu_ratios):.3f}")
     return median
 
 

@@ -44,21 +44,18 @@ class QueueReporter:
         self.queue = queue
 
     def start(self, total_steps: int, first_step: int) -> None:
-        self._send(("start", (total_steps, first_step)))
+        self.queue.put_nowait(("start", (total_steps, first_step)))
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
-        self._send(("update", (step, metrics)))
+        # put_nowait still waits for the queue actor's reply; sending without waiting is not safe: the queue actor
+        # is an async actor and runs such calls out of order (an update overtaking "start" or "close" is lost).
+        self.queue.put_nowait(("update", (step, metrics)))
 
     def message(self, text: str) -> None:
-        self._send(("message", (text,)))
+        self.queue.put_nowait(("message", (text,)))
 
     def close(self) -> None:
-        self._send(("close", ()))
-
-    def _send(self, item: tuple[str, tuple]) -> None:
-        # Fire and forget: Queue.put_nowait would wait for the queue actor's reply, a round trip on rank 0's
-        # training thread (the queue is unbounded, so the put cannot fail; one caller's calls keep their order).
-        self.queue.actor.put_nowait.remote(item)
+        self.queue.put_nowait(("close", ()))
 
 
 def _worker_entry(loop_config: dict[str, Any]) -> None:
