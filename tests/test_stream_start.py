@@ -1,9 +1,10 @@
 """The stream's performance paths change nothing a run sees: a loader started ahead (`start=True`) yields the
 same batches as one started lazily, and images decoded as uint8 and scaled per batch equal the per-image float
-decoding. Also the start-up timeline a run leaves for bench/startup.py."""
+decoding, and .npy members read in place after one header parse equal `np.load`. Also the start-up timeline a run leaves for bench/startup.py."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 import webdataset as wds
 
 from trainer.config import DataConfig
-from trainer.data.stream import decode_image, train_batches
+from trainer.data.stream import decode_image, decode_npy, train_batches
 from trainer.data.writer import write_shards
 from trainer.progress import TIMELINE_FILE, record_timeline
 
@@ -59,3 +60,27 @@ def test_timeline_marks_merge(tmp_path: Path) -> None:
     record_timeline(tmp_path, {"launch": 0.5, "first_step": 3.0})
     assert json.loads((tmp_path / TIMELINE_FILE).read_text()) == {"worker_start": 1.0, "first_step": 3.0,
                                                                   "launch": 0.5}
+
+
+def npy(array: np.ndarray, version: tuple[int, int] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=version, allow_pickle=True)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("version", [None, (1, 0), (2, 0), (3, 0)])
+def test_npy_decoding_equals_numpy(version: tuple[int, int] | None) -> None:
+    arrays = [np.arange(16, dtype=np.float32), np.random.default_rng(0).random((3, 4)), np.arange(12).reshape(3, 4),
+              np.array([True, False]), np.asfortranarray(np.arange(15.0).reshape(3, 5)), np.ones(()),
+              np.zeros((0, 4), np.float32), np.arange(6, dtype=">i4").reshape(2, 3)]
+    for array in arrays:
+        decoded, expected = decode_npy(npy(array, version)), np.load(io.BytesIO(npy(array, version))).astype(np.float32)
+        assert decoded.dtype == np.float32 and decoded.shape == expected.shape and decoded.flags.writeable
+        assert np.array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("data", [npy(np.array(["a", 1], dtype=object)), npy(np.arange(4))[:-3], npy(np.array(["ab"]))],
+                         ids=["object", "truncated", "text"])
+def test_npy_decoding_rejects_what_numpy_rejects(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_npy(data)

@@ -360,10 +360,41 @@ def _member(sample: dict[str, Any], name: str) -> bytes:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays and pickles raise here
+    layout = _npy_layout(data[:_npy_header_end(data)]) if data[:6] == b"\x93NUMPY" else None
+    if layout is None:
+        array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays and pickles raise here
+    else:  # the samples of a view share one header: numpy parses it once, the data is read in place
+        dtype, shape, fortran, offset = layout
+        count = int(np.prod(shape))
+        if len(data) < offset + count * dtype.itemsize:  # np.load ignores trailing bytes too
+            raise ValueError(f"{len(data) - offset} data bytes for shape {list(shape)} of {dtype}")
+        array = np.frombuffer(data, dtype, count, offset).reshape(shape, order="F" if fortran else "C")
     if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise ValueError(f"not a numeric array ({getattr(array, 'dtype', type(array).__name__)})")
     return array.astype(np.float32)
+
+
+def _npy_header_end(data: bytes) -> int:
+    if data[6:7] == b"\x01":
+        return 10 + int.from_bytes(data[8:10], "little")
+    return 12 + int.from_bytes(data[8:12], "little") if data[6:7] in (b"\x02", b"\x03") else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int] | None:
+    """dtype, shape, Fortran order and data offset of a .npy header, as numpy reads them (None: let np.load)."""
+    stream = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read:
+            return None
+        shape, fortran, dtype = read[version](stream)
+    except ValueError:
+        return None  # np.load reports what is wrong
+    if dtype.hasobject or stream.tell() != len(header):
+        return None  # object arrays: np.load(allow_pickle=False) raises
+    return dtype, shape, fortran, len(header)
 
 
 def decode_image(data: bytes, channels: int) -> np.ndarray:
