@@ -1,6 +1,7 @@
 """The stream's performance paths change nothing a run sees: a loader started ahead (`start=True`) yields the
-same batches as one started lazily, and images decoded as uint8 and scaled per batch equal the per-image float
-decoding, and .npy members read in place after one header parse equal `np.load`. Also the start-up timeline a run leaves for bench/startup.py."""
+same batches as one started lazily, images decoded as uint8 and scaled per batch equal the per-image float
+decoding, and .npy members read in place after one header parse equal `np.load`. Also the start-up timeline a
+run leaves for bench/startup.py."""
 
 from __future__ import annotations
 
