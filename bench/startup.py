@@ -71,7 +71,7 @@ def show(label: str, runs: list[dict[str, float]]) -> None:
     def median(key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
-    print(f"{label} ({len(runs)} runs, medians; seconds):")
+    print(f"{label} ({len(runs)} run(s), medians; seconds):", flush=True)
     for name, start, end in PHASES:
         torchrun_only = name.startswith("worker start (torchrun")
         if all(start in r and end in r for r in runs) and torchrun_only == ("launch" not in runs[0]):
@@ -82,7 +82,7 @@ def show(label: str, runs: list[dict[str, float]]) -> None:
     print(f"  {'= time to the first step':<68} {median('first_step'):7.1f}   (each run: {each('first_step', 1)})")
     print(f"  {'= whole run':<68} {median('exit'):7.1f}   (each run: {each('exit', 1)})")
     print(f"  steady-state train_samples_per_s {median('samples_per_s'):.0f} (each run: {each('samples_per_s', 0)}); "
-          f"precision@1 {median('precision_at_1'):.4f}; {runs[0]['steps']:.0f} steps")
+          f"precision@1 {median('precision_at_1'):.4f}; {runs[0]['steps']:.0f} steps", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_once(work, args.config.resolve(), args.overrides, f"startup-{repeat}-{label[:5]}",
                            torchrun=label == "torchrun")
             results[label].append(run)
-            print(f"  {label} run {repeat}: first step {run['first_step']:.1f} s, end {run['exit']:.1f} s, "
-                  f"{run['samples_per_s']:.0f} samples/s steady state", flush=True)
+            show(f"{label}, run {repeat}", [run])  # each run as it ends, in case later ones are cut short
     for label, runs in results.items():
         if runs:
             show(label, runs)
