@@ -73,8 +73,9 @@ def show(label: str, runs: list[dict[str, float]]) -> None:
 
     print(f"{label} ({len(runs)} run(s), medians; seconds):", flush=True)
     for name, start, end in PHASES:
-        torchrun_only = name.startswith("worker start (torchrun")
-        if all(start in r and end in r for r in runs) and torchrun_only == ("launch" not in runs[0]):
+        if name.startswith("worker start (torchrun") and "launch" in runs[0]:
+            continue  # a Ray run's worker start is the row above
+        if all(start in r and end in r for r in runs):
             print(f"  {name:<68} {median(end) - median(start):7.1f}")
     def each(key: str, digits: int) -> str:
         return ", ".join(f"{r[key]:.{digits}f}" for r in runs)
