@@ -10,7 +10,7 @@ Per recipe (the default demo: digits as 8x8 PNGs; configs/digits_vectors.yaml: 6
 - stream, in-process stages: µs per sample of reading the tar members, of reading + decoding, and of the whole
   pipeline (read + shuffle + decode + batch) with `data.loader_workers=0`, over rank 0's shards of a 2-worker run.
 - stream per DataLoader worker: `train_batches` as a run calls it (rank 0 of 2, one DataLoader worker, a new
-  loader per epoch), samples/s over `--epochs` consecutive epochs, epoch starts included.
+  loader per epoch started when the previous epoch begins), samples/s over `--epochs` consecutive epochs.
 - training consumption: samples/s one worker's training step takes (Twinscale's step on batches already in
   memory, one process, the recipe's thread count), so the ratio says how many times over one loader worker
   could feed one training worker. Target: >= 5.
@@ -76,12 +76,18 @@ def stage_timings(cfg: Any) -> dict[str, float]:
 
 
 def stream_rate(cfg: Any, epochs: int, first_epoch: int) -> float:
-    """Samples/s of rank 0 of 2 with the recipe's DataLoader workers, over consecutive epochs."""
+    """Samples/s of rank 0 of 2 with the recipe's DataLoader workers, over consecutive epochs, each epoch's loader
+    started when the previous epoch begins (as TrainLoop.run does)."""
     from trainer.data.stream import train_batches
 
-    started, count = time.perf_counter(), 0
+    def epoch_batches(epoch: int, start: bool) -> Any:
+        return train_batches(cfg.data.train, cfg.data, seed=cfg.seed, epoch=epoch, rank=0, world_size=2, start=start)
+
+    started, count, upcoming = time.perf_counter(), 0, None
     for epoch in range(first_epoch, first_epoch + epochs):
-        for batch in train_batches(cfg.data.train, cfg.data, seed=cfg.seed, epoch=epoch, rank=0, world_size=2):
+        batches = upcoming or epoch_batches(epoch, start=False)
+        upcoming = epoch_batches(epoch + 1, start=True) if epoch + 1 < first_epoch + epochs else None
+        for batch in batches:
             count += len(batch["keys"])
     return count / (time.perf_counter() - started)
 
