@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,12 +19,19 @@ from typing import Any
 from launch import stopping
 from trainer import config
 from trainer.config import Config
-from trainer.progress import ConsoleProgress
+from trainer.progress import ConsoleProgress, record_timeline
 
 QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     "RAY_DEDUP_LOGS": "1",
     "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore::UserWarning",
+}
+
+# A Ray started for one run serves that run alone: Ray Train's preemption watcher (an extra process polling the
+# cluster's nodes) and its metrics export would only take CPU from the training workers.
+LOCAL_RAY_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 
 
@@ -62,6 +70,8 @@ class QueueReporter:
         self.queue.put_nowait(("start", (total_steps, first_step)))
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
+        # put_nowait still waits for the queue actor's reply; sending without waiting is not safe: the queue actor
+        # is an async actor and runs such calls out of order (an update overtaking "start" or "close" is lost).
         self.queue.put_nowait(("update", (step, metrics)))
 
     def message(self, text: str) -> None:
@@ -99,14 +109,14 @@ def start_ray(address: str | None, verbose: bool, dashboard: bool = False) -> No
     state API lives there, and Train V2 needs it to free the workers of a Tune trial stopped early)."""
     import ray
 
-    os.environ.update(QUIET_ENV)
+    env = {**QUIET_ENV, **(LOCAL_RAY_ENV if address is None else {})}
+    os.environ.update(env)
     ray.init(
         address=address,
         logging_level=logging.INFO if verbose else logging.ERROR,
         log_to_driver=verbose,
         include_dashboard=dashboard if address is None else None,
-        runtime_env={"env_vars": dict(QUIET_ENV),
-                     "worker_process_setup_hook": "launch.ray_launch.setup_worker_process"},
+        runtime_env={"env_vars": env, "worker_process_setup_hook": "launch.ray_launch.setup_worker_process"},
     )
 
 
@@ -115,21 +125,27 @@ def launch(cfg: Config, *, address: str | None = None, resume: bool = False, ver
     import ray
     from ray.util.queue import Queue
 
+    timeline = {"launch": time.time()}
     start_ray(address, verbose)
+    timeline["ray_started"] = time.time()
     try:
         queue, stop = Queue(), stopping.stop_flag_class().remote()
         trainer = build_trainer(cfg, queue, resume=resume, stop=stop)
         progress = ProgressPump(queue)
         progress.start()
         try:
+            timeline["fit_start"] = time.time()
             with stopping.DriverSignals(stop) as signals:
                 stopping.fit_in_thread(trainer)
+            timeline["fit_end"] = time.time()
         finally:
             progress.stop()
     finally:
         ray.shutdown()
+    timeline["ray_stopped"] = time.time()
     if signals.signum:
         return stopping.stopped_run(cfg.run_dir, signals.signum)
+    record_timeline(cfg.run_dir, timeline)
     return read_final_metrics(cfg.run_dir)
 
 

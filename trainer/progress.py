@@ -6,8 +6,13 @@ under Ray the launcher forwards the same calls to the driver, which owns the ter
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 from typing import Any, Protocol
+
+TIMELINE_FILE = "timeline.json"
+"""Start-up timeline of a run: wall-clock marks (time.time()) from rank 0 and the driver, for bench/startup.py."""
 
 
 class Reporter(Protocol):
@@ -61,3 +66,12 @@ def format_table(rows: dict[str, Any]) -> str:
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         lines.append(f"  {key.ljust(width)}  {shown}")
     return "\n".join(lines)
+
+
+def record_timeline(run_dir: Path, marks: dict[str, float]) -> None:
+    """Merge `marks` (name → time.time()) into the run's timeline.json; called once by rank 0, once by the driver."""
+    from trainer.checkpoint import write_json_atomic
+
+    path = run_dir / TIMELINE_FILE
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    write_json_atomic(path, {**known, **marks})

@@ -28,7 +28,7 @@ from trainer.models.export import export_model
 from trainer.objectives.gather import default_collective
 from trainer.objectives.memory import MemoryBank
 from trainer.objectives.objective import MetricObjective
-from trainer.progress import ConsoleProgress, Reporter, format_table
+from trainer.progress import ConsoleProgress, Reporter, format_table, record_timeline
 from trainer.tracking import rewind_run_files, start_tracker
 
 
@@ -38,11 +38,13 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     started = time.time()
     STOP.install()
     init_distributed(cfg)
+    joined = time.time()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     torch.set_num_threads(cfg.dist.cpus_per_worker)
     device = resolve_device(cfg)
     plan = plan_run(cfg, world)
     engine = build_engine(build_run_model(cfg, plan), cfg, world, plan.total_steps, device)
+    engine_built = time.time()
     memory = MemoryBank(cfg.mining.memory_size, cfg.mining.memory_start_step) if cfg.mining.memory_size else None
     objective = MetricObjective(cfg.loss, cfg.mining, default_collective(), memory)
     run_dir = cfg.run_dir
@@ -78,6 +80,8 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
              "train_samples_per_s": loop.throughput.samples_per_s, "corrupt_samples_skipped": total_corrupt,
              "nonfinite_steps_skipped": state.nonfinite_steps, "wall_s": time.time() - started}
     write_json_atomic(run_dir / "final_metrics.json", final)
+    record_timeline(run_dir, {"worker_start": started, "process_group": joined, "engine_built": engine_built,
+                              **loop.timeline, "worker_end": time.time()})
     tracker.finish(final)
     if reporter is not None:
         reporter.close()

@@ -128,11 +128,13 @@ def _too_few_shards(index: ShardIndex, plan: EpochPlan, rank: int) -> str:
 
 
 def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
-                  skip_batches: int = 0) -> Iterator[Batch]:
+                  skip_batches: int = 0, start: bool = False) -> Iterator[Batch]:
     """Exactly `plan.batches_per_rank` training batches of this rank (the first `skip_batches` discarded).
 
     P×K batches keep this count, so the run's step count (planned from `plan_epoch` alone) does not change; a
     pass yields fewer of them (classes short of K at the end are unused), and `_take` tops the rank up.
+    With `start`, the DataLoader of the first pass is started now rather than at the first `next`: its workers
+    fill their shuffle buffers and first batches while the caller is still busy (the batches are the same).
     """
     index = read_index(shard_dir)
     plan = epoch_plan(shard_dir, cfg, seed=seed, epoch=epoch, world_size=world_size, index=index)
@@ -149,8 +151,9 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
                                            generator=stream.torch_generator(),
                                            worker_init_fn=_ignore_stop_signals)
 
+    first = _worker_batches(open_pass(0)) if start else None
     return _take(open_pass, plan.batches_per_rank, skip_batches, f"{shard_dir} (rank {rank}, epoch {epoch})",
-                 balanced=cfg.classes_per_batch is not None)
+                 balanced=cfg.classes_per_batch is not None, first=first)
 
 
 def epoch_plan(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, world_size: int,
@@ -197,14 +200,15 @@ def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, slots: tuple[
 
 
 def _take(open_pass: Callable[[int], Iterable[Batch]], count: int, skip: int, where: str, *,
-          balanced: bool) -> Iterator[Batch]:
+          balanced: bool, first: Generator[Batch, None, None] | None = None) -> Iterator[Batch]:
     # Every rank must yield `count` batches (or collectives hang), but a pass over its shards can yield fewer:
     # corrupt samples are skipped, and P×K batching leaves classes short of K unused. A short rank streams its
     # shards again, each pass seeded by its number so that a top-up is not a repeat of the first batches.
     done, number = 0, 0
     while done < count:
         produced = 0
-        with contextlib.closing(_worker_batches(open_pass(number))) as batches:
+        opened = first if number == 0 and first is not None else _worker_batches(open_pass(number))
+        with contextlib.closing(opened) as batches:
             for batch in batches:
                 produced, done = produced + 1, done + 1
                 if done > skip:
@@ -220,7 +224,11 @@ def _take(open_pass: Callable[[int], Iterable[Batch]], count: int, skip: int, wh
 
 
 def _worker_batches(batches: Any) -> Generator[Batch, None, None]:
-    iterator = iter(batches)
+    # iter() here, not at the first next(): a DataLoader starts its workers (and their prefetching) right away.
+    return _drain(iter(batches))
+
+
+def _drain(iterator: Any) -> Generator[Batch, None, None]:
     try:
         while True:
             try:
@@ -354,13 +362,15 @@ class SampleDecoder:
         return decoded
 
     def view(self, sample: dict[str, Any], view: str, spec: ViewSpec) -> np.ndarray:
-        """One decoded view: a float32 array, or hashed n-gram ids for text."""
+        """One decoded view: a float32 array (npy), uint8 pixels (png/jpg: scaled to [0, 1] per batch, in
+        `_stack`, once instead of per sample), or hashed n-gram ids for text."""
         name = f"{view}.{spec.ext}"
         data = _member(sample, name)
         try:
             if spec.ext == "txt":
                 return hash_ngrams(data.decode("utf-8"), self.buckets, self.ngrams)
-            array = decode_npy(data) if spec.ext == "npy" else decode_image(data, (spec.shape or (3,))[0])
+            array = decode_npy(data) if spec.ext == "npy" else \
+                decode_pixels(data, (spec.shape or (3,))[0], spec.ext)
         except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
             raise CorruptSample(f"{name}: cannot decode ({type(error).__name__}: {error})") from None
         if array.shape != spec.shape:
@@ -375,16 +385,59 @@ def _member(sample: dict[str, Any], name: str) -> bytes:
 
 
 def decode_npy(data: bytes) -> np.ndarray:
-    array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays and pickles raise here
+    layout = _npy_layout(data[:_npy_header_end(data)]) if data[:6] == b"\x93NUMPY" else None
+    if layout is None:
+        array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays and pickles raise here
+    else:  # the samples of a view share one header: numpy parses it once, the data is read in place
+        dtype, shape, fortran, offset = layout
+        count = int(np.prod(shape))
+        if len(data) < offset + count * dtype.itemsize:  # np.load ignores trailing bytes too
+            raise ValueError(f"{len(data) - offset} data bytes for shape {list(shape)} of {dtype}")
+        array = np.frombuffer(data, dtype, count, offset).reshape(shape, order="F" if fortran else "C")
     real = np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)
     if not isinstance(array, np.ndarray) or not (real or array.dtype == bool):
         raise ValueError(f"not a real numeric array ({getattr(array, 'dtype', type(array).__name__)})")
     return array.astype(np.float32)
 
 
+def _npy_header_end(data: bytes) -> int:
+    if data[6:7] == b"\x01":
+        return 10 + int.from_bytes(data[8:10], "little")
+    return 12 + int.from_bytes(data[8:12], "little") if data[6:7] in (b"\x02", b"\x03") else 0
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int] | None:
+    """dtype, shape, Fortran order and data offset of a .npy header, as numpy reads them (None: let np.load)."""
+    stream = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read:
+            return None
+        shape, fortran, dtype = read[version](stream)
+    except ValueError:
+        return None  # np.load reports what is wrong
+    if dtype.hasobject or stream.tell() != len(header):
+        return None  # object arrays: np.load(allow_pickle=False) raises
+    return dtype, shape, fortran, len(header)
+
+
 def decode_image(data: bytes, channels: int) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        pixels = np.asarray(image.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+    """float32 [C, H, W] in [0, 1] from PNG or JPEG bytes."""
+    return decode_pixels(data, channels).astype(np.float32) / np.float32(255)
+
+
+# Pillow tries only these decoders, the declared one first: probing every registered format costs more than
+# decoding a small image.
+IMAGE_FORMATS = {"png": ("PNG", "JPEG"), "jpg": ("JPEG", "PNG")}
+
+
+def decode_pixels(data: bytes, channels: int, ext: str = "png") -> np.ndarray:
+    """uint8 [C, H, W] from PNG or JPEG bytes."""
+    mode = "L" if channels == 1 else "RGB"
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS.get(ext, IMAGE_FORMATS["png"])) as image:
+        pixels = np.asarray(image if image.mode == mode else image.convert(mode))
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -426,4 +479,6 @@ class BatchCollator:
 def _stack(spec: ViewSpec, rows: list[np.ndarray]) -> torch.Tensor | TextBatch:
     if spec.ext == "txt":
         return TextBatch.collate(rows)
+    if spec.ext in IMAGE_FORMATS:  # uint8 pixels → float32 in [0, 1], for the whole batch at once
+        return torch.from_numpy(np.stack(rows).astype(np.float32) / np.float32(255))
     return torch.from_numpy(np.stack(rows))

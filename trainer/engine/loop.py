@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -115,25 +116,36 @@ class TrainLoop:
     stopped_by: int | None = None
     """The signal every rank agreed to stop on, when the run stopped before `total_steps`."""
     last_saved_step: int = -1
+    timeline: dict[str, float] = field(default_factory=dict)
+    """Wall-clock marks of this process's start-up: loop start, first batch, first step, loop end."""
 
     def run(self, state: RunState) -> RunState:
+        self.timeline["loop_start"] = time.time()
         if self.reporter is not None:
             self.reporter.start(self.total_steps, state.step)
         state.world_size = self.world_size
+        upcoming: Iterator[dict] | None = None
         while state.step < self.total_steps and self.stopped_by is None:
             self._enter_epoch(state)
             # Resuming inside an epoch skips the batches already consumed: the stream is a function of
             # (seed, epoch, rank, worker) alone.
-            batches = train_batches(self.cfg.data.train, self.cfg.data, seed=self.cfg.seed, epoch=state.epoch,
-                                    rank=self.rank, world_size=self.world_size, skip_batches=state.batches_into_epoch)
+            batches = upcoming or self._batches(state.epoch, state.batches_into_epoch)
+            # The next epoch's loader starts now, so its first batches are ready when this epoch ends (a new
+            # loader's workers fill their shuffle buffer first, which would otherwise stall every epoch start).
+            upcoming = self._batches(state.epoch + 1, 0, start=True)
             for batch in batches:
+                if "first_step" not in self.timeline:
+                    self.timeline["first_batch"] = time.time()
                 self._step(batch, state)
+                self.timeline.setdefault("first_step", time.time())
                 state.batches_into_epoch += 1
                 self._after_step(state)
                 if state.step >= self.total_steps or self.stopped_by is not None:
                     break
             else:
                 state.epoch, state.batches_into_epoch = state.epoch + 1, 0
+        upcoming = None  # stops the unused next epoch's loader workers
+        self.timeline["loop_end"] = time.time()
         if state.step >= self.total_steps:
             self.stopped_by = None  # a stop asked for during the last step: the run simply finishes
             self._finish(state)
@@ -147,6 +159,10 @@ class TrainLoop:
                                   f"{state.step} was streaming (epoch {state.epoch} order {state.shard_order[:3]}..., "
                                   f"now {order[:3]}...); resume with the same data.train, seed and data settings")
         state.shard_order = order
+
+    def _batches(self, epoch: int, skip: int, start: bool = False) -> Iterator[dict]:
+        return train_batches(self.cfg.data.train, self.cfg.data, seed=self.cfg.seed, epoch=epoch, rank=self.rank,
+                             world_size=self.world_size, skip_batches=skip, start=start)
 
     def _step(self, batch: dict, state: RunState) -> None:
         started = time.perf_counter()
