@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,23 @@ def test_started_ahead_yields_the_same_batches(digit_images: Path, loader_worker
         assert torch.equal(one["labels"]["input"], other["labels"]["input"])
     skipped = batches(digit_images, cfg, start=True, skip_batches=2)
     assert [b["keys"] for b in skipped] == [b["keys"] for b in lazy[2:]]
+
+
+def test_process_exits_with_an_unfinished_stream(digit_images: Path) -> None:
+    # Loader workers ignore SIGTERM (a run saves before its workers may go), and multiprocessing's exit handler
+    # stops daemonic children with SIGTERM and then joins them: without the stream's own exit handler, a process
+    # leaving a stream unfinished (a benchmark, an embedding script) would wait for ever at its exit.
+    script = (
+        "import sys\n"
+        "from trainer.config import DataConfig\n"
+        "from trainer.data.stream import train_batches\n"
+        f"cfg = DataConfig(train={str(digit_images)!r}, test=None, batch_size=32, loader_workers=1)\n"
+        f"kept = [train_batches(cfg.train, cfg, seed=0, epoch=e, rank=0, world_size=1, start=True) for e in (0, 1)]\n"
+        "print(len(next(kept[0])['keys']), flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "32"
 
 
 def test_image_batches_equal_per_image_float_decoding(digit_images: Path) -> None:

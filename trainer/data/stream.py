@@ -20,6 +20,7 @@ A batch is a plain dict:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import functools
@@ -29,6 +30,7 @@ import io
 import logging
 import random
 import signal
+import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -169,9 +171,22 @@ def epoch_plan(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int,
 def _ignore_stop_signals(worker: int) -> None:
     # A scheduler's SIGTERM or a terminal's Ctrl-C reaches the whole process group. The training process
     # finishes its step and saves; its DataLoader workers must not die under it meanwhile. They still end with
-    # their parent (torch sets PR_SET_PDEATHSIG on them).
+    # their parent (torch sets PR_SET_PDEATHSIG on them), and `_stop_live_loaders` stops them at its exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_LIVE_LOADERS: weakref.WeakSet[Any] = weakref.WeakSet()
+"""DataLoader iterators whose worker processes may still run."""
+
+
+@atexit.register
+def _stop_live_loaders() -> None:
+    # multiprocessing's own exit handler stops daemonic children with SIGTERM, which loader workers ignore
+    # (above), and then joins them: a process exiting with an unfinished stream would wait forever. This
+    # handler is registered after multiprocessing's (torch is imported first), so it runs before it.
+    for iterator in list(_LIVE_LOADERS):
+        iterator._shutdown_workers()
 
 
 def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int) -> Iterator[Batch]:
@@ -225,7 +240,10 @@ def _take(open_pass: Callable[[int], Iterable[Batch]], count: int, skip: int, wh
 
 def _worker_batches(batches: Any) -> Generator[Batch, None, None]:
     # iter() here, not at the first next(): a DataLoader starts its workers (and their prefetching) right away.
-    return _drain(iter(batches))
+    iterator = iter(batches)
+    if hasattr(iterator, "_shutdown_workers"):
+        _LIVE_LOADERS.add(iterator)
+    return _drain(iterator)
 
 
 def _drain(iterator: Any) -> Generator[Batch, None, None]:
