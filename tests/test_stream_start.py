@@ -46,21 +46,37 @@ def test_started_ahead_yields_the_same_batches(digit_images: Path, loader_worker
     assert [b["keys"] for b in skipped] == [b["keys"] for b in lazy[2:]]
 
 
-def test_process_exits_with_an_unfinished_stream(digit_images: Path) -> None:
+UNFINISHED = """
+import multiprocessing, sys
+from trainer.config import DataConfig
+from trainer.data.stream import train_batches
+
+def keep_streams(directory):
+    cfg = DataConfig(train=directory, test=None, batch_size=32, loader_workers=1)
+    global kept  # epoch 1's loader is forked while epoch 0's runs
+    kept = [train_batches(directory, cfg, seed=0, epoch=e, rank=0, world_size=1, start=True) for e in (0, 1)]
+    print(len(next(kept[0])["keys"]), flush=True)
+
+if __name__ == "__main__":
+    child = multiprocessing.get_context("spawn").Process(target=keep_streams, args=(sys.argv[1],))
+    child.start()
+    child.join()
+    print("child", child.exitcode, flush=True)
+    keep_streams(sys.argv[1])
+"""
+
+
+def test_process_exits_with_an_unfinished_stream(digit_images: Path, tmp_path: Path) -> None:
     # Loader workers ignore SIGTERM (a run saves before its workers may go), and multiprocessing's exit handler
-    # stops daemonic children with SIGTERM and then joins them: without the stream's own exit handler, a process
-    # leaving a stream unfinished (a benchmark, an embedding script) would wait for ever at its exit.
-    script = (
-        "import sys\n"
-        "from trainer.config import DataConfig\n"
-        "from trainer.data.stream import train_batches\n"
-        f"cfg = DataConfig(train={str(digit_images)!r}, test=None, batch_size=32, loader_workers=1)\n"
-        f"kept = [train_batches(cfg.train, cfg, seed=0, epoch=e, rank=0, world_size=1, start=True) for e in (0, 1)]\n"
-        "print(len(next(kept[0])['keys']), flush=True)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    # stops daemonic children with SIGTERM and then joins them: without the stream's own finalizer, a process
+    # leaving a stream unfinished (a benchmark, a script, a multiprocessing child) would wait for ever at exit.
+    script = tmp_path / "unfinished.py"
+    script.write_text(UNFINISHED)
+    done = subprocess.run([sys.executable, str(script), str(digit_images)], capture_output=True, text=True,
+                          timeout=90, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "32"
+    assert done.stdout.split() == ["32", "child", "0", "32"]
+    assert "Traceback" not in done.stderr
 
 
 def test_image_batches_equal_per_image_float_decoding(digit_images: Path) -> None:

@@ -28,6 +28,8 @@ import hashlib
 import heapq
 import io
 import logging
+import multiprocessing.util
+import os
 import random
 import signal
 import weakref
@@ -176,17 +178,24 @@ def _ignore_stop_signals(worker: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-_LIVE_LOADERS: weakref.WeakSet[Any] = weakref.WeakSet()
-"""DataLoader iterators whose worker processes may still run."""
+_LIVE_LOADERS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+"""DataLoader iterators whose worker processes may still run, and the process that started them."""
 
 
-@atexit.register
 def _stop_live_loaders() -> None:
-    # multiprocessing's own exit handler stops daemonic children with SIGTERM, which loader workers ignore
-    # (above), and then joins them: a process exiting with an unfinished stream would wait forever. This
-    # handler is registered after multiprocessing's (torch is imported first), so it runs before it.
-    for iterator in list(_LIVE_LOADERS):
-        iterator._shutdown_workers()
+    # multiprocessing's exit handler stops daemonic children with SIGTERM, which loader workers ignore (above),
+    # and then joins them: a process exiting with an unfinished stream would wait for ever. In a main process
+    # that handler runs at exit, after torch's own atexit handler has turned `_shutdown_workers` into a no-op,
+    # so this runs at exit before both (registered after torch's import); at the end of a multiprocessing child
+    # the handler is called directly, running its finalizers first (the Finalize below). A loader worker forked
+    # while another loader ran inherits this dict: only the process that started a loader stops it.
+    for iterator, owner in list(_LIVE_LOADERS.items()):
+        if owner == os.getpid():
+            iterator._shutdown_workers()
+
+
+atexit.register(_stop_live_loaders)
+multiprocessing.util.Finalize(None, _stop_live_loaders, exitpriority=100)  # before the queues close (10)
 
 
 def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int) -> Iterator[Batch]:
@@ -242,7 +251,7 @@ def _worker_batches(batches: Any) -> Generator[Batch, None, None]:
     # iter() here, not at the first next(): a DataLoader starts its workers (and their prefetching) right away.
     iterator = iter(batches)
     if hasattr(iterator, "_shutdown_workers"):
-        _LIVE_LOADERS.add(iterator)
+        _LIVE_LOADERS[iterator] = os.getpid()
     return _drain(iterator)
 
 
