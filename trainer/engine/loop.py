@@ -252,7 +252,10 @@ class TrainLoop:
             self.reporter.update(state.step, {"samples_per_s": self.throughput.samples_per_s})
 
     def agree(self, nonfinite: bool) -> tuple[bool, int | None]:
-        """Whether any rank saw a non-finite step, and the stop signal any rank received (one all-reduce)."""
+        """Whether any rank saw a non-finite step, and the stop signal any rank received (one all-reduce, none
+        with one worker)."""
+        if self.world_size == 1:
+            return nonfinite, STOP.signum or None
         flags = torch.tensor([int(nonfinite), STOP.signum or 0], dtype=torch.int64)
         if dist.is_initialized():
             flags = flags.to(self.device)  # NCCL reduces device tensors only
