@@ -131,6 +131,7 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, str | 
     except AssertionError as error:
         failures.put(f"rank {rank} {loss_name}/{miner_name}/explicit={kind}: {error}")
     finally:
+        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
         dist.destroy_process_group()
 
 
@@ -207,6 +208,7 @@ def _memory_worker(rank: int, world: int, port: int, cases: list[tuple[str, str]
     except AssertionError as error:
         failures.put(f"rank {rank} {loss_name}/{miner_name}/memory: {error}")
     finally:
+        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
         dist.destroy_process_group()
 
 

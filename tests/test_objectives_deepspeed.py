@@ -77,6 +77,7 @@ def _worker(rank: int, world: int, port: int, zero_stage: int, cases: list, fail
     except AssertionError as error:
         failures.put(f"rank {rank} {case}: {error}")
     finally:
+        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
         dist.destroy_process_group()
 
 
