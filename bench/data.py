@@ -101,8 +101,8 @@ class TrainingConsumer:
         from trainer.engine.build import plan_run
 
         plan = plan_run(cfg, 1)
-        self.steps = TwinscaleSteps(cfg, plan, 0, 1, Path(tempfile.mkdtemp(prefix="bench-data-")))
-        self.batches = [next(self.steps.batches) for _ in range(8)]
+        self.steps = TwinscaleSteps(cfg, plan, 0, 1, Path(tempfile.mkdtemp(prefix="bench-data-")), cached=True)
+        self.batches = [next(self.steps.batches) for _ in range(8)]  # the 8 cached batches
         for batch in self.batches:
             self.steps.loop._step(batch, self.steps.state)  # warm-up
 

@@ -21,6 +21,9 @@ whatever else the machine runs: their ratio is what the throughput ratio becomes
 block starts after a barrier; each contender first runs `--warmup` untimed steps. The order of the two
 contenders alternates from one repeat to the next; the figure is the median over repeats of each ratio.
 Only labeled recipes (digits images or vectors) are supported: the bare loop slices class-labeled tensors.
+
+With `--cached`, Twinscale's contender steps over 8 batches taken from its stream once and held in memory, as the
+bare loop's are: the step path alone (engine, objective, guard, optimizer), without the stream.
 """
 
 from __future__ import annotations
@@ -143,7 +146,7 @@ class BareLoop:
 class TwinscaleSteps:
     """The engine, objective and stream of a run, stepped through `TrainLoop._step`."""
 
-    def __init__(self, cfg: Any, plan: Any, rank: int, world_size: int, run_dir: Path) -> None:
+    def __init__(self, cfg: Any, plan: Any, rank: int, world_size: int, run_dir: Path, cached: bool = False) -> None:
         from trainer.checkpoint import RunState
         from trainer.engine.build import build_run_model
         from trainer.engine.engine import build_engine, resolve_device
@@ -159,6 +162,10 @@ class TwinscaleSteps:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.state = RunState()
         self.batches = self._batches()
+        if cached:  # the stream's first 8 batches, held in memory and cycled (its loaders stopped)
+            held = list(itertools.islice(self.batches, 8))
+            self.batches.close()
+            self.batches = itertools.cycle(held)
 
     def _batches(self) -> Iterator[dict]:
         # As TrainLoop.run walks the epochs: the next epoch's loader is started when an epoch begins.
@@ -217,7 +224,7 @@ def worker(rank: int, world_size: int, port: int, cfg: Any, args: argparse.Names
     torch.set_num_threads(cfg.dist.cpus_per_worker)
     plan = plan_run(cfg, world_size)
     with tempfile.TemporaryDirectory() as run_dir:
-        contenders = {"twinscale": TwinscaleSteps(cfg, plan, rank, world_size, Path(run_dir)),
+        contenders = {"twinscale": TwinscaleSteps(cfg, plan, rank, world_size, Path(run_dir), args.cached),
                       "bare": BareLoop(cfg, plan, rank, world_size)}
         for contender in contenders.values():
             timed_block(contender, args.warmup)
@@ -276,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="timed steps per block")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps per contender before the blocks")
     parser.add_argument("--work", type=Path, default=Path("bench-work"), help="where the recipe's shards go")
+    parser.add_argument("--cached", action="store_true", help="Twinscale steps over 8 batches held in memory")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = prepare_config(args.config.resolve(), args.overrides, world_size, args.work)
         print(f"workers {world_size}: global batch {cfg.data.batch_size * world_size}, "
               f"{cfg.dist.cpus_per_worker} torch thread(s) each, {cfg.data.loader_workers} loader worker(s) each, "
-              f"{args.steps} steps per block")
+              f"{args.steps} steps per block{', Twinscale on cached batches' if args.cached else ''}")
         report(measure(cfg, world_size, args), world_size)
     return 0
 
