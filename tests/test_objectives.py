@@ -128,10 +128,10 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, str | 
             torch.testing.assert_close(out.loss, expected_loss, rtol=1e-5, atol=1e-6)
             for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=False):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
     except AssertionError as error:
         failures.put(f"rank {rank} {loss_name}/{miner_name}/explicit={kind}: {error}")
     finally:
-        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
         dist.destroy_process_group()
 
 
@@ -205,10 +205,10 @@ def _memory_worker(rank: int, world: int, port: int, cases: list[tuple[str, str]
                     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
                 torch.testing.assert_close(spread.memory.embeddings, single.memory.embeddings)
             assert single.memory.steps == 3 and len(single.memory.embeddings) == 40
+        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
     except AssertionError as error:
         failures.put(f"rank {rank} {loss_name}/{miner_name}/memory: {error}")
     finally:
-        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
         dist.destroy_process_group()
 
 

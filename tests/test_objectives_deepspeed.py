@@ -74,10 +74,10 @@ def _worker(rank: int, world: int, port: int, zero_stage: int, cases: list, fail
                 assert got is not None, "DeepSpeed holds no gradient for a parameter"
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
             engine.destroy()
+        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
     except AssertionError as error:
         failures.put(f"rank {rank} {case}: {error}")
     finally:
-        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
         dist.destroy_process_group()
 
 
