@@ -102,7 +102,7 @@ class TrainingConsumer:
 
         plan = plan_run(cfg, 1)
         self.steps = TwinscaleSteps(cfg, plan, 0, 1, Path(tempfile.mkdtemp(prefix="bench-data-")), cached=True)
-        self.batches = [next(self.steps.batches) for _ in range(8)]  # the 8 cached batches
+        self.batches = self.steps.held
         for batch in self.batches:
             self.steps.loop._step(batch, self.steps.state)  # warm-up
 

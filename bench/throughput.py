@@ -162,10 +162,12 @@ class TwinscaleSteps:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.state = RunState()
         self.batches = self._batches()
-        if cached:  # the stream's first 8 batches, held in memory and cycled (its loaders stopped)
-            held = list(itertools.islice(self.batches, 8))
+        self.held: list[dict] = []
+        """With `cached`: the stream's first 8 batches, held in memory and cycled (its loaders stopped)."""
+        if cached:
+            self.held = list(itertools.islice(self.batches, 8))
             self.batches.close()
-            self.batches = itertools.cycle(held)
+            self.batches = itertools.cycle(self.held)
 
     def _batches(self) -> Iterator[dict]:
         # As TrainLoop.run walks the epochs: the next epoch's loader is started when an epoch begins.

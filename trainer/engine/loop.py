@@ -256,11 +256,9 @@ class TrainLoop:
         with one worker)."""
         if self.world_size == 1:
             return nonfinite, STOP.signum or None
-        flags = torch.tensor([int(nonfinite), STOP.signum or 0], dtype=torch.int64)
-        if dist.is_initialized():
-            flags = flags.to(self.device)  # NCCL reduces device tensors only
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            flags = flags.cpu()
+        flags = torch.tensor([int(nonfinite), STOP.signum or 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # on the device: NCCL reduces device tensors only
+        flags = flags.cpu()
         return bool(flags[0]), int(flags[1]) or None
 
 
