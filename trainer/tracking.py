@@ -1,8 +1,8 @@
 """Run outputs on rank 0: Weights & Biases (imported lazily) and the run directory's metric files.
 
-W&B never blocks a run for long: with no API key it runs offline; with one it waits at most
-`log.init_timeout_s` for the server and then falls back to offline, saying so once. Steps are always explicit,
-so a resumed run continues its step axis.
+W&B never blocks a run for long: with no API key (neither WANDB_API_KEY nor a `wandb login` in the netrc file)
+it runs offline; with one it waits at most `log.init_timeout_s` for the server and then falls back to offline,
+saying so once. Steps are always explicit, so a resumed run continues its step axis.
 """
 
 from __future__ import annotations
@@ -143,7 +143,35 @@ def _mode(cfg: LogConfig) -> str:
         return cfg.mode
     if os.environ.get("WANDB_MODE") in ("online", "offline"):
         return os.environ["WANDB_MODE"]
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    return "online" if netrc_api_key(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")) else "offline"
+
+
+def netrc_path() -> Path:
+    """The netrc file wandb reads its login from (wandb 0.31's `wbnetrc._get_netrc_file_path`): $NETRC, else
+    ~/.netrc, else ~/_netrc, else ~/.netrc (where `wandb login` will write it)."""
+    if os.environ.get("NETRC"):
+        return Path(os.environ["NETRC"]).expanduser()
+    for name in (".netrc", "_netrc"):
+        if (Path("~").expanduser() / name).exists():
+            return Path("~").expanduser() / name
+    return Path("~/.netrc").expanduser()
+
+
+def netrc_api_key(base_url: str) -> str | None:
+    """The API key `wandb login` stored for the server at `base_url` (its netrc `machine` entry), or None.
+
+    Read here, not through wandb, so that deciding the mode needs no wandb import; an unreadable or malformed
+    netrc counts as not logged in (wandb itself then only warns)."""
+    import netrc
+
+    host = urlparse(base_url).netloc
+    try:
+        entry = netrc.netrc(str(netrc_path())).authenticators(host) if host else None
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] or None if entry else None
 
 
 def _init(wandb: Any, cfg: LogConfig, run_dir: Path, run_config: dict[str, Any], resume_id: str | None,

@@ -49,3 +49,39 @@ def test_unreachable_wandb_falls_back_to_offline_once(server: str, tmp_path: Pat
     assert result.stderr.count("W&B: cannot log online") == 1, result.stderr[-4000:]
     assert f"127.0.0.1:{port}" in result.stderr
     assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))  # the metrics are kept, to sync later
+
+
+@pytest.mark.parametrize("netrc_text,base_url,mode", [
+    (None, None, "offline"),
+    ("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n", None, "online"),  # what `wandb login` writes
+    ("machine other.example.com login user password secret\n", None, "offline"),
+    ("machine wandb.corp:8080 login user password secret\n", "http://wandb.corp:8080", "online"),
+    ("machine api.wandb.ai login user\n", None, "offline"),  # an entry without a key: not logged in
+    ("nonsense api.wandb.ai password secret\n", None, "offline"),  # malformed: not logged in
+])
+def test_auto_mode_is_online_after_wandb_login(netrc_text: str | None, base_url: str | None, mode: str,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.config import LogConfig
+    from trainer.tracking import _mode
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "NETRC", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if base_url is not None:
+        monkeypatch.setenv("WANDB_BASE_URL", base_url)
+    if netrc_text is not None:
+        (tmp_path / ".netrc").write_text(netrc_text)
+    assert _mode(LogConfig()) == mode
+    assert _mode(LogConfig(mode="offline")) == "offline"
+
+
+def test_netrc_variable_names_the_login_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.config import LogConfig
+    from trainer.tracking import _mode
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "elsewhere").write_text("machine api.wandb.ai login user password secret\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "elsewhere"))
+    assert _mode(LogConfig()) == "online"
