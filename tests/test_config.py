@@ -95,3 +95,63 @@ def test_feature_cache_allows_micro_batches() -> None:
     assert cfg.optim.gradient_accumulation_steps == 4
     with pytest.raises(ConfigError, match="optim.gradient_accumulation_steps: 65 micro-batches cannot split"):
         config.load(None, ["optim.feature_cache=true", "optim.gradient_accumulation_steps=65"])
+
+
+@pytest.mark.parametrize("name,problem", [
+    ("../../x", "holds a path separator"), ("a/b", "holds a path separator"), ("a\\b", "holds a path separator"),
+    ("..", "starts with a dot"), (".hidden", "starts with a dot"), ("", "is empty"), ("' '", "is empty"),
+    ('"a\\tb"', "holds control characters"),
+])
+def test_name_is_one_plain_path_component(name: str, problem: str, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 1\n")
+    with pytest.raises(ConfigError) as error:
+        config.load(recipe, [f"name={name}"])
+    assert f"{recipe}: name: " in str(error.value) and problem in str(error.value)
+    with pytest.raises(ConfigError, match="output_dir: '' is empty"):
+        config.load(recipe, ["output_dir="])
+    assert config.load(recipe, ["name=digits-run.1_a"]).run_dir == Path("runs/digits-run.1_a")
+
+
+@pytest.mark.parametrize("entry,expected", [
+    ("{zero_optimization: {stage: 3}}", "dist.deepspeed.zero_optimization.stage: set by Twinscale; use dist.zero_stage"),
+    ("{train_batch_size: 512}", "dist.deepspeed.train_batch_size: set by Twinscale; use data.batch_size"),
+    ("{train_micro_batch_size_per_gpu: 8}", "dist.deepspeed.train_micro_batch_size_per_gpu: set by Twinscale"),
+    ("{gradient_accumulation_steps: 4}", "use optim.gradient_accumulation_steps"),
+    ("{fp16: {enabled: true}}", "dist.deepspeed.fp16: set by Twinscale; use dist.precision"),
+    ("{bf16: {enabled: true}}", "dist.deepspeed.bf16: set by Twinscale; use dist.precision"),
+    ("{optimizer: {type: SGD}}", "dist.deepspeed.optimizer: set by Twinscale; use optim.lr"),
+    ("{scheduler: {type: WarmupLR}}", "dist.deepspeed.scheduler: set by Twinscale; use optim.warmup_steps"),
+    ("{gradient_clipping: 5.0}", "use optim.grad_clip"),
+    ("{zero_optimization: {offload_optimizer: {device: cpu}}}",
+     "dist.deepspeed.zero_optimization.offload_optimizer: not a tuning entry"),
+    ("{activation_checkpointing: {}}", "dist.deepspeed.activation_checkpointing: not a tuning entry"),
+    ("{zero_optimization: 2}", "dist.deepspeed.zero_optimization: expected a mapping"),
+])
+def test_deepspeed_extras_cannot_contradict_the_run_config(entry: str, expected: str, tmp_path: Path) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 1\n")
+    with pytest.raises(ConfigError) as error:
+        config.load(recipe, [f"dist.deepspeed={entry}"])
+    assert expected in str(error.value) and str(recipe) in str(error.value)
+
+
+def test_harmless_deepspeed_extras_reach_the_engine_config() -> None:
+    import torch
+
+    from trainer.engine.engine import deepspeed_config
+
+    cfg = config.load(None, ["dist.zero_stage=2", "dist.deepspeed={zero_optimization: {reduce_bucket_size: 1000, "
+                             "overlap_comm: true}, steps_per_print: 5}"])
+    generated = deepspeed_config(cfg, 2, 10, torch.device("cpu"))
+    assert generated["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "overlap_comm": True}
+    assert generated["steps_per_print"] == 5 and generated["train_batch_size"] == 128
+
+
+def test_source_keys_mirror_the_shards_command() -> None:
+    cfg = config.load(None, ["data.source_kind=pairs", "data.samples_per_shard=32", "data.pairs_per_item=3"])
+    assert (cfg.data.source_kind, cfg.data.samples_per_shard, cfg.data.pairs_per_item) == ("pairs", 32, 3)
+    with pytest.raises(ConfigError, match="data.source_kind: Input should be"):
+        config.load(None, ["data.source_kind=quads"])
+    with pytest.raises(ConfigError, match="data.samples_per_shard: Input should be greater than or equal to 1"):
+        config.load(None, ["data.samples_per_shard=0"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.errors import ConfigError
 
@@ -36,6 +36,12 @@ class DataConfig(Section):
     """If set and `train` has no shards yet, write them first from this source (e.g. `digits`)."""
     source_as_images: bool = False
     """Write `source` items as PNG images (the digits source can be vectors or 8x8 images)."""
+    source_kind: Literal["labeled", "pairs", "triplets"] = "labeled"
+    """Kind of shards written from `source` (`twinscale shards --kind`); a pairs/triplets file needs its own kind."""
+    samples_per_shard: int = Field(128, ge=1)
+    """Samples per tar file when shards are written from `source` (`--samples-per-shard`)."""
+    pairs_per_item: int = Field(1, ge=1)
+    """Pairs or triplets sampled per labeled item when `source_kind` is pairs/triplets (`--pairs-per-item`)."""
     test_fraction: float = Field(0.4, gt=0.0, lt=1.0)
     """Stratified held-out fraction used when shards are written from `source`."""
     batch_size: int = Field(64, ge=2)
@@ -167,6 +173,49 @@ class OptimConfig(Section):
     """Non-finite steps skipped before the run stops anyway (the newest checkpoint stays intact)."""
 
 
+# Entries of the DeepSpeed config that Twinscale generates from its own keys: setting them in dist.deepspeed would
+# silently contradict the run config (the step arithmetic, the schedule, the loss's view of the batch, resume).
+DEEPSPEED_OWNED = {
+    "train_batch_size": "data.batch_size (per worker; the global batch is data.batch_size × dist.workers)",
+    "train_micro_batch_size_per_gpu": "data.batch_size",
+    "gradient_accumulation_steps": "optim.gradient_accumulation_steps (with optim.feature_cache=true)",
+    "managed_gradient_accumulation": "optim.feature_cache",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "dist.precision",
+    "fp16": "dist.precision (bf16 or fp32; fp16 is not supported)",
+    "amp": "dist.precision",
+    "optimizer": "optim.lr and optim.weight_decay (the optimizer is AdamW)",
+    "scheduler": "optim.warmup_steps and optim.min_lr_ratio",
+    "zero_optimization.stage": "dist.zero_stage",
+}
+# Tuning entries that change speed or diagnostics, never the maths or the checkpoint layout.
+DEEPSPEED_EXTRAS = ("steps_per_print", "wall_clock_breakdown", "memory_breakdown", "communication_data_type",
+                    "prescale_gradients", "gradient_predivide_factor", "comms_logger", "flops_profiler",
+                    "zero_optimization")
+DEEPSPEED_ZERO_EXTRAS = ("allgather_partitions", "allgather_bucket_size", "overlap_comm", "reduce_scatter",
+                         "reduce_bucket_size", "contiguous_gradients", "round_robin_gradients")
+
+
+def check_deepspeed_extras(extra: dict[str, Any]) -> None:
+    """Refuse `dist.deepspeed` entries that Twinscale owns (naming the key to use) or does not know to be safe."""
+    for key, value in extra.items():
+        if key in DEEPSPEED_OWNED:
+            raise ValueError(f"dist.deepspeed.{key}: set by Twinscale; use {DEEPSPEED_OWNED[key]}")
+        if key not in DEEPSPEED_EXTRAS:
+            raise ValueError(f"dist.deepspeed.{key}: not a tuning entry Twinscale passes through; allowed: "
+                             f"{', '.join(DEEPSPEED_EXTRAS)}")
+        if key != "zero_optimization":
+            continue
+        if not isinstance(value, dict):
+            raise ValueError("dist.deepspeed.zero_optimization: expected a mapping")
+        for sub in value:
+            if f"{key}.{sub}" in DEEPSPEED_OWNED:
+                raise ValueError(f"dist.deepspeed.{key}.{sub}: set by Twinscale; use {DEEPSPEED_OWNED[f'{key}.{sub}']}")
+            if sub not in DEEPSPEED_ZERO_EXTRAS:
+                raise ValueError(f"dist.deepspeed.{key}.{sub}: not a tuning entry Twinscale passes through; allowed: "
+                                 f"{', '.join(DEEPSPEED_ZERO_EXTRAS)}")
+
+
 class DistConfig(Section):
     """Workers, devices and the DeepSpeed engine."""
 
@@ -181,11 +230,18 @@ class DistConfig(Section):
     zero_stage: int = Field(0, ge=0, le=2)
     """DeepSpeed ZeRO stage (0, 1 or 2)."""
     deepspeed: dict[str, Any] = Field(default_factory=dict)
-    """Extra DeepSpeed config entries merged over the generated ones."""
+    """Extra DeepSpeed tuning entries (bucket sizes, overlap_comm, profilers) merged over the generated ones;
+    entries Twinscale generates from its own keys (batch sizes, ZeRO stage, precision, optimizer) are refused."""
     timeout_s: int = Field(600, ge=10)
     """Collective timeout, after which a stuck worker fails instead of hanging."""
     max_failures: int = Field(0, ge=-1)
     """Ray: worker-group restarts after a worker dies (-1: unlimited); each restart resumes the newest checkpoint."""
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _check_deepspeed(cls, extra: dict[str, Any]) -> dict[str, Any]:
+        check_deepspeed_extras(extra)
+        return extra
 
 
 class CheckpointConfig(Section):
@@ -244,6 +300,22 @@ class Config(Section):
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str | None) -> str | None:
+        # The run directory is output_dir/name: a name that is not one plain path component would put the run,
+        # and everything it deletes when pruning checkpoints, outside output_dir.
+        if name is not None and (problem := _path_component_problem(name)):
+            raise ValueError(f"name: {name!r} {problem}; use a plain name such as digits-run1")
+        return name
+
+    @field_validator("output_dir")
+    @classmethod
+    def _check_output_dir(cls, output_dir: str) -> str:
+        if not output_dir.strip() or any(ord(char) < 32 or ord(char) == 127 for char in output_dir):
+            raise ValueError(f"output_dir: {output_dir!r} is empty or holds control characters")
+        return output_dir
+
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
         if self.loss.name in ("supcon", "infonce", "multi_similarity") and self.loss.distance != "cosine":
@@ -268,6 +340,19 @@ class Config(Section):
         if self.name is None:
             raise ConfigError("name: the run has no name yet; set one with --set name=NAME")
         return Path(self.output_dir) / self.name
+
+
+def _path_component_problem(name: str) -> str | None:
+    """Why `name` is not a single, visible path component, or None."""
+    if not name.strip():
+        return "is empty"
+    if "/" in name or "\\" in name:
+        return "holds a path separator"
+    if name.startswith("."):
+        return "starts with a dot (., .. and hidden directories are refused)"
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        return "holds control characters"
+    return None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
