@@ -72,6 +72,7 @@ def main() -> None:
 
     def cached() -> None:
         cached_step(engines["cached"], batch, plan.kind, device, torch.float32, objective, args.micro_batches, 1)
+        engines["cached"].step()
 
     wall: dict[str, list[float]] = {"plain": [], "cached": []}
     cpu: dict[str, list[float]] = {"plain": [], "cached": []}

@@ -60,8 +60,11 @@ def test_loss_with_memory_equals_pml_with_the_bank_as_references(name: str) -> N
 
     bank = MemoryBank(7)
     bank.enqueue(banked, banked_labels)
-    out = MetricObjective(cfg, MiningConfig(name="none"), Collective(), bank)(inputs @ weight, labels)
+    objective = MetricObjective(cfg, MiningConfig(name="none"), Collective(), bank)
+    out = objective(inputs @ weight, labels)
     got_grad, = torch.autograd.grad(out.local_share, weight)
+    assert len(bank.embeddings) == 7 and bank.labels[-1] == banked_labels[-1]  # banked only once the step is kept
+    objective.commit_memory()
     torch.testing.assert_close(out.loss, expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-4, atol=1e-6)
     assert len(bank.embeddings) == 7 and bank.labels[-1] == labels[-1]  # the step's batch was enqueued

@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from trainer.errors import CheckpointError
+from trainer.objectives.gather import default_collective
 from trainer.objectives.memory import MemoryBank
 
 STATE_FILE = "run_state.json"
@@ -225,21 +225,18 @@ def restore_rng(path: Path) -> None:
         raise CheckpointError(f"{path}: unreadable RNG state ({type(error).__name__}: {error})") from None
 
 
-# --- Collectives of the save protocol (no-ops without a process group). ---
+# --- Agreement of the save protocol (through the run's one collective helper; no-ops with one process). ---
 
 def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    default_collective().barrier()
 
 
 def _ranks_failing(failed: bool) -> list[int]:
     """The ranks that report a failure; every rank gets the same answer."""
-    if not dist.is_initialized():
-        return [0] if failed else []
-    flags = torch.zeros(dist.get_world_size(), dtype=torch.int32)
-    flags[dist.get_rank()] = int(failed)
-    dist.all_reduce(flags)
-    return [rank for rank, flag in enumerate(flags.tolist()) if flag]
+    collective = default_collective()
+    flags = torch.zeros(collective.world_size, dtype=torch.int32)
+    flags[collective.rank] = int(failed)
+    return [rank for rank, flag in enumerate(collective.sum(flags).tolist()) if flag]
 
 
 # --- Files ---

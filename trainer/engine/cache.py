@@ -6,7 +6,8 @@ micro-batch, with exactly the gradients of one full-batch step.
    the loss with respect to the embeddings — the gather's backward included, so other workers' anchors count.
 3. Replay each micro-batch with autograd from its saved RNG state (dropout draws the same masks) and
    backpropagate its slice of that gradient into the parameters; DeepSpeed reduces once, at `engine.step()`
-   (its `managed_gradient_accumulation: false` mode: the caller owns the accumulation boundary).
+   (its `managed_gradient_accumulation: false` mode: the caller owns the accumulation boundary and calls
+   `engine.step()` once the ranks agreed that the step is finite).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def sample_rows(batch: dict, start: int, stop: int) -> dict:
 
 def cached_step(engine, batch: dict, kind: str, device: torch.device, dtype: torch.dtype, objective: Objective,
                 micro_batches: int, world_size: int) -> ObjectiveOutput:
-    """One training step through the feature cache; parameters get the full-batch gradient, then step."""
+    """One training step through the feature cache: parameters get the full-batch gradient; the caller steps (after
+    the ranks agree that the loss and gradients are finite)."""
     size, views = len(batch["keys"]), len(KIND_VIEWS[kind])
     bounds = micro_batch_bounds(size, micro_batches)
     states, cached = [], []
@@ -63,7 +65,6 @@ def cached_step(engine, batch: dict, kind: str, device: torch.device, dtype: tor
             replayed = embed_views(engine, sample_rows(batch, start, stop), kind, device, dtype)
         target = embedding_grads[:, start:stop].reshape(replayed.shape).to(replayed.dtype)
         engine.backward((replayed * target).sum(), scale_wrt_gas=False)
-    engine.step()
     return out
 
 

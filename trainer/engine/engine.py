@@ -79,15 +79,29 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_ste
 
 
 def init_distributed(cfg: Config) -> None:
-    """Join (or create, under torchrun) the default process group: NCCL on GPU, gloo on CPU."""
+    """Join (or create) the default process group: NCCL on GPU, gloo on CPU.
+
+    Ray Train creates the group before the worker starts; torchrun leaves it to us (env://). A process started
+    alone (`python -m trainer.train`) gets a one-process group over an in-memory store, because DeepSpeed
+    needs a group even for one worker.
+    """
     import datetime
 
     import torch.distributed as dist
 
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    device = resolve_device(cfg)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and the collectives' device routing use the current device
+    if dist.is_initialized():
         return
-    backend = "nccl" if resolve_device(cfg).type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.dist.timeout_s))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=cfg.dist.timeout_s)
+    if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)  # what a launcher would have set; DeepSpeed asserts LOCAL_RANK
 
 
 def safe_checkpoint_engine() -> Any:

@@ -20,7 +20,6 @@ from types import FrameType
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from trainer import checkpoint
 from trainer.checkpoint import RunState
@@ -169,15 +168,17 @@ class TrainLoop:
         dtype = next(self.engine.module.parameters()).dtype
         guard = _GuardedEngine(self.engine, self)
         if self.cfg.optim.feature_cache:
-            out = cached_step(guard, batch, self.kind, self.device, dtype, self.objective,
+            out = cached_step(self.engine, batch, self.kind, self.device, dtype, self.objective,
                               self.cfg.optim.gradient_accumulation_steps, self.world_size)
         else:
             embedded = embed_batch(self.engine, batch, self.kind, self.device, dtype)
             out = self.objective(embedded.embeddings, embedded.labels, embedded.explicit)
             # Each worker's share sums to the global loss; DeepSpeed averages gradients over workers: scale back.
             self.engine.backward(out.local_share * self.world_size)
-            guard.loss = out.loss
-            guard.step()
+        # Both paths end here: the guard sees the loss (with ZeRO 1-2 and the feature cache no gradient is
+        # visible before DeepSpeed's own step, so the loss is what catches a NaN batch there).
+        guard.loss = out.loss
+        guard.step()
         samples = len(batch["keys"]) * self.world_size
         self.throughput.add(samples, time.perf_counter() - started)
         self.corrupt_by_worker[(state.epoch, batch.get("worker", 0))] = batch.get("corrupt", 0)
@@ -256,9 +257,7 @@ class TrainLoop:
         with one worker)."""
         if self.world_size == 1:
             return nonfinite, STOP.signum or None
-        flags = torch.tensor([int(nonfinite), STOP.signum or 0], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # on the device: NCCL reduces device tensors only
-        flags = flags.cpu()
+        flags = self.objective.collective.max(torch.tensor([int(nonfinite), STOP.signum or 0], dtype=torch.int64))
         return bool(flags[0]), int(flags[1]) or None
 
 
@@ -285,13 +284,19 @@ class _GuardedEngine:
             self._loop.stopped_by = stop
         if self.skipped:
             _discard_gradients(engine)
+            self._loop.objective.discard_memory()
         else:
             engine.step()
+            self._loop.objective.commit_memory()
 
 
 def _gradients_finite(engine: Any) -> bool:
-    """Whether this rank's gradients are finite (those DeepSpeed keeps on the parameters: ZeRO 0)."""
+    """Whether this rank's gradients are finite: on the parameters (ZeRO 0), or this rank's reduced partition
+    (ZeRO 1-2, once DeepSpeed holds it: after a managed backward). The ranks then agree on the answer."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    partitions = getattr(engine.optimizer, "averaged_gradients", None)
+    if engine.zero_optimization() and isinstance(partitions, dict):
+        grads += [g for group in partitions.values() if group is not None for g in group if g is not None]
     return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)))
 
 
