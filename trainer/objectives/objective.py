@@ -75,10 +75,13 @@ class MetricObjective:
         self.chunk_entries = loss_cfg.chunk_entries
         self.collective = collective
         self.memory = memory
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        """The last call's gathered batch, waiting for `commit_memory` (the step was kept) or `discard_memory`."""
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor,
                  explicit: IndexTuple | None = None) -> ObjectiveOutput:
-        """Loss of `embeddings` (local rows) with `labels`; `explicit` tuples index the local batch."""
+        """Loss of `embeddings` (local rows) with `labels` ([N] class ids, or [N, 2] class and content ids);
+        `explicit` tuples index the local batch."""
         embeddings = embeddings.float()
         gathered = self.collective.gather_with_grad(embeddings)
         gathered_labels = self.collective.gather(labels)
@@ -107,10 +110,27 @@ class MetricObjective:
         # The backward of the gather is a collective: keep it in every worker's graph, even when this worker's
         # anchors produced no loss terms, or the other workers would wait for it forever.
         share = share + 0.0 * gathered.sum()
-        if self.memory is not None:
-            self.memory.enqueue(gathered.detach(), gathered_labels)
+        if self.memory is not None:  # banked only once the ranks agreed to keep the step (commit_memory)
+            self.pending = (gathered.detach(), gathered_labels)
         loss = results.pop("loss")
         return ObjectiveOutput(share, loss, {name: float(value) for name, value in results.items()})
+
+    def commit_memory(self) -> None:
+        """Enqueue the last call's global batch into the cross-batch memory: the step was kept on every rank.
+
+        Called after the ranks' agreement, never before: a skipped non-finite step would otherwise leave NaN
+        rows in the bank, and every following loss would be NaN until they aged out. Non-finite rows are never
+        banked (every rank drops the same rows: the gathered batch is identical on every rank)."""
+        if self.memory is None or self.pending is None:
+            return
+        embeddings, labels = self.pending
+        self.pending = None
+        finite = torch.isfinite(embeddings).all(dim=1)
+        self.memory.enqueue(embeddings[finite], labels[finite])
+
+    def discard_memory(self) -> None:
+        """Forget the last call's batch: the step was skipped."""
+        self.pending = None
 
     def _chunk(self, anchors: torch.Tensor, references: torch.Tensor, labels: torch.Tensor,
                reference_labels: torch.Tensor, first: int, explicit: IndexTuple | None, rows: slice,
