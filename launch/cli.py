@@ -145,12 +145,12 @@ def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int
     from trainer.engine.build import plan_run
     from trainer.progress import format_table
 
-    cfg = absolute_paths(cfg)
+    cfg = absolute_paths(cfg, address)
     if resume and latest_checkpoint(cfg.run_dir) is None:
         raise CheckpointError(f"{cfg.run_dir}: no complete checkpoint to resume from")
     if not resume and (cfg.run_dir / "checkpoints").exists():
         raise UserError(f"{cfg.run_dir} already holds a run: add --resume to continue it, or --set name=NEW")
-    ensure_shards(cfg)
+    ensure_shards(cfg, address)
     plan = plan_run(cfg)
     print(f"twinscale: run {cfg.run_dir} — {cfg.dist.workers} workers, {plan.total_steps} steps "
           f"({plan.kind} shards, global batch {cfg.data.batch_size * cfg.dist.workers})", file=sys.stderr)
@@ -166,17 +166,27 @@ def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int
     return 0
 
 
-def absolute_paths(cfg: Any) -> Any:
-    """Paths resolved against the working directory here, since Ray workers may run elsewhere."""
-    data = cfg.data.model_copy(update={
-        "train": str(Path(cfg.data.train).resolve()),
-        "test": None if cfg.data.test is None else str(Path(cfg.data.test).resolve()),
-    })
+def absolute_paths(cfg: Any, address: str | None = None) -> Any:
+    """The run's paths as its workers should see them.
+
+    With a Ray started here (no `address`) every worker shares this machine's disk, so relative paths are
+    resolved against this working directory. On a cluster a worker reads data on its own node: a relative data
+    path stays relative, resolved against each worker's working directory (a submitted job's uploaded directory,
+    which Ray copies to every node), and each worker checks at start that it can read it (trainer.preflight).
+    `output_dir` is always made absolute: Ray Train's storage path and the final metrics read here live there.
+    """
+    data = cfg.data
+    if address is None:
+        data = cfg.data.model_copy(update={
+            "train": str(Path(cfg.data.train).resolve()),
+            "test": None if cfg.data.test is None else str(Path(cfg.data.test).resolve()),
+        })
     return cfg.model_copy(update={"data": data, "output_dir": str(Path(cfg.output_dir).resolve())})
 
 
-def ensure_shards(cfg: Any) -> None:
-    """Write the train/test shards from `data.source` when they are missing (the demo's first run)."""
+def ensure_shards(cfg: Any, address: str | None = None) -> None:
+    """Write the train/test shards from `data.source` when they are missing (the demo's first run), as
+    `twinscale shards SOURCE --kind data.source_kind` would."""
     from trainer.data.writer import shards_exist, write_shards
     from trainer.errors import ConfigError
 
@@ -186,8 +196,13 @@ def ensure_shards(cfg: Any) -> None:
     if train.name != "train" or (test is not None and (test.parent != train.parent or test.name != "test")):
         raise ConfigError("data.source: shards are written as DIR/train and DIR/test; point data.train and "
                           "data.test there, or write shards yourself with `twinscale shards`")
-    print(f"twinscale: writing {cfg.data.source} shards to {train.parent}", file=sys.stderr)
-    write_shards(cfg.data.source, "labeled", train.parent, test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+    print(f"twinscale: writing {cfg.data.source} {cfg.data.source_kind} shards to {train.parent}", file=sys.stderr)
+    if address is not None:
+        print(f"twinscale: warning: the shards are written on this node only; on a multi-node cluster set "
+              f"data.train and data.test to a path every node shares (e.g. /shared/data/{train.parent.name}/train)",
+              file=sys.stderr)
+    write_shards(cfg.data.source, cfg.data.source_kind, train.parent, test_fraction=cfg.data.test_fraction,
+                 seed=cfg.seed, samples_per_shard=cfg.data.samples_per_shard, pairs_per_item=cfg.data.pairs_per_item,
                  as_images=cfg.data.source_as_images)
 
 

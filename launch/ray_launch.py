@@ -19,6 +19,7 @@ from typing import Any
 from launch import stopping
 from trainer import config
 from trainer.config import Config
+from trainer.errors import ConfigError
 from trainer.progress import ConsoleProgress, record_timeline
 
 QUIET_ENV = {
@@ -160,6 +161,7 @@ def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | N
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_cluster_gpus(cfg)
     use_gpu = cfg.dist.device == "cuda" or (
         cfg.dist.device == "auto" and ray.cluster_resources().get("GPU", 0) >= cfg.dist.workers)
     return TorchTrainer(
@@ -172,6 +174,38 @@ def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | N
         run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir.resolve()),
                              failure_config=FailureConfig(max_failures=cfg.dist.max_failures)),
     )
+
+
+def check_cluster_gpus(cfg: Config) -> None:
+    """With `dist.device: cuda`, refuse a cluster that has, and can get, fewer GPUs than workers: Ray would wait
+    for them forever. An autoscaling cluster counts the GPUs its node types could add."""
+    import ray
+
+    if cfg.dist.device != "cuda":
+        return
+    have = int(ray.cluster_resources().get("GPU", 0))
+    if have >= cfg.dist.workers:
+        return
+    ceiling = autoscaler_max_gpus()
+    if ceiling is not None and ceiling >= cfg.dist.workers:
+        return  # the autoscaler starts GPU nodes as the workers ask for them
+    raise ConfigError(f"dist.device: cuda needs one GPU per worker ({cfg.dist.workers} workers), but the cluster has "
+                      f"{have} GPU(s){'' if ceiling is None else f' and can grow to {ceiling}'}; set dist.device=auto "
+                      f"(or cpu), lower dist.workers, or add GPU nodes")
+
+
+def autoscaler_max_gpus() -> int | None:
+    """The most GPUs the cluster's autoscaler could provide (its node types' maximum), or None without one.
+
+    Ray keeps this in the autoscaler's cluster config, read here as Ray Data reads it (a private API: any
+    failure means no autoscaler is known)."""
+    try:
+        from ray._private.state import state
+
+        resources = state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
+    return None if resources is None else int(resources.get("GPU", 0))
 
 
 def last_evaluation(run_dir: Path) -> dict[str, Any] | None:

@@ -62,3 +62,43 @@ def test_flags_are_checked_by_argparse(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["shards", "digits", "--kind", "quads", "--out", "x"])
     assert exit_info.value.code == 2
+
+
+def test_data_source_writes_the_configured_kind_and_shard_size(tmp_path: Path) -> None:
+    """`data.source` honours data.source_kind, samples_per_shard and pairs_per_item, as `twinscale shards` does."""
+    from trainer import config
+    from trainer.data.formats import read_index
+
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("a,b,similar\n" + "".join(f"text {i},text {i} again,{i % 2}\n" for i in range(40)))
+    out, recipe = tmp_path / "pairs", tmp_path / "recipe.yaml"
+    recipe.write_text("seed: 0\n")
+    cfg = config.load(recipe, [f"data.source={pairs}", "data.source_kind=pairs", "data.samples_per_shard=5",
+                             f"data.train={out / 'train'}", f"data.test={out / 'test'}", "data.test_fraction=0.25"])
+    cli.ensure_shards(cfg)
+    train, test = read_index(out / "train"), read_index(out / "test")
+    assert (train.kind, test.kind) == ("pairs", "pairs")
+    assert train.num_samples + test.num_samples == 40
+    assert max(shard.samples for shard in train.shards) == 5 and len(train.shards) == -(-train.num_samples // 5)
+
+    digits = tmp_path / "digit-triplets"
+    cfg = config.load(recipe, ["data.source=digits", "data.source_kind=triplets", "data.pairs_per_item=2",
+                             "data.samples_per_shard=1000", f"data.train={digits / 'train'}",
+                             f"data.test={digits / 'test'}"])
+    cli.ensure_shards(cfg)
+    train, test = read_index(digits / "train"), read_index(digits / "test")
+    assert train.kind == "triplets" and len(train.shards) == -(-train.num_samples // 1000)
+    assert train.num_samples + test.num_samples == 2 * 1797  # two triplets per labeled item
+
+
+@pytest.mark.slow
+def test_cuda_on_a_cluster_without_gpus_exits_2_naming_the_key(tmp_path: Path, shards: Path, capsys) -> None:
+    """A local CPU Ray: `dist.device: cuda` would wait for GPUs forever; it exits 2 before the trainer starts."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the local Ray has GPUs")
+    assert run_train(tmp_path, shards, "dist.device=cuda", "dist.workers=1") == 2
+    err = capsys.readouterr().err
+    assert "error: dist.device: cuda needs one GPU per worker (1 workers), but the cluster has 0 GPU(s)" in err, err
+    assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
