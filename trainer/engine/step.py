@@ -4,7 +4,8 @@ Views are stacked in the order of `KIND_VIEWS`: labeled → [input], pairs → [
 [anchor, positive, negative]. Side "a" (tower A) embeds `input`, `a` and `anchor`; side "b" the rest, so a
 pseudo-Siamese model maps each side through its own tower. Pairs and triplets become PML index tuples over the
 stacked batch. Without class ids, each pair/triplet gets its own ids from its sample key (positives share one,
-negatives differ), so in-batch items of other tuples act as negatives.
+negatives differ), so in-batch items of other tuples act as negatives; the labels of pairs and triplets also
+carry a content id per item, so duplicates of an item are never its negatives (see `stacked_labels`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,21 @@ def embed_views(model: torch.nn.Module, batch: dict, kind: str, device: torch.de
 
 
 def stacked_labels(batch: dict, kind: str, size: int) -> torch.Tensor:
-    """Class ids of the stacked views; synthesized from sample keys where the shards carry none."""
+    """Class ids [N] of the stacked views (labeled), or [N, 2] class and content ids (pairs, triplets).
+
+    Class ids are synthesized from sample keys where the shards carry none. Content ids hash each item's data,
+    so the same text or image in two tuples shares one: the objective never takes it as a negative of an
+    anchor it equals or is a positive of — e.g. pairs (q1, d1) and (q2, d1): neither copy of d1 is a negative
+    of q1 or q2, on whichever workers they land.
+    """
+    if kind == "labeled":
+        return class_ids(batch, kind)
+    content = torch.cat([content_ids(batch["views"][view]) for view in KIND_VIEWS[kind]])
+    return torch.stack([class_ids(batch, kind), content], dim=1)
+
+
+def class_ids(batch: dict, kind: str) -> torch.Tensor:
+    """Class ids of the stacked views; for tuples without them, one id per tuple (positives share it)."""
     views = KIND_VIEWS[kind]
     given = batch.get("labels", {})
     if all(v in given for v in views):
@@ -75,6 +90,20 @@ def explicit_tuples(batch: dict, kind: str, size: int, device: torch.device) -> 
     if kind == "triplets":
         return first, first + size, first + 2 * size
     return None
+
+
+def content_ids(inputs: torch.Tensor | TextBatch) -> torch.Tensor:
+    """One id per item from its decoded data (text n-gram ids, array or pixel values): equal data, equal id."""
+    if isinstance(inputs, TextBatch):
+        rows = [inputs.rows(i, i + 1).ids for i in range(len(inputs))]
+    else:
+        rows = list(inputs.detach().cpu().reshape(len(inputs), -1))
+    return torch.tensor([digest_id(row.contiguous().numpy().tobytes()) for row in rows], dtype=torch.long)
+
+
+def digest_id(data: bytes) -> int:
+    """A stable non-negative 63-bit id of `data`."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 def key_id(key: str) -> int:

@@ -12,7 +12,10 @@ compute on the whole global batch, and so do their gradients (the train step mul
 undo data-parallel gradient averaging).
 
 Index tuples follow PML: pairs are (anchor, positive, anchor, negative), triplets (anchor, positive,
-negative); explicit tuples index the local batch.
+negative); explicit tuples index the local batch. With `mining.name: none`, SupCon and InfoNCE add in-batch
+negatives to explicit tuples: every reference of the global batch (and memory) that is not a positive of the
+anchor (its class, its explicit positives, their content) — how text and image–text embeddings are trained.
+Labels of pairs and triplets are [N, 2]: (class id, content id), so duplicates of an item are never negatives.
 """
 
 from __future__ import annotations
@@ -25,7 +28,15 @@ import torch
 from trainer.config import LossConfig, MiningConfig
 from trainer.objectives.gather import Collective
 from trainer.objectives.memory import MemoryBank
-from trainer.objectives.selection import Block, IndexTuple, Part, everything, explicit_part, mine
+from trainer.objectives.selection import (
+    Block,
+    IndexTuple,
+    Part,
+    everything,
+    explicit_part,
+    mine,
+    with_in_batch_negatives,
+)
 from trainer.objectives.terms import BlockLoss
 
 
@@ -160,7 +171,10 @@ class MetricObjective:
         """The chunk's selections: the shard's explicit tuples, then mined ones; every pair if neither."""
         parts: list[Part] = []
         if explicit is not None:
-            parts.append(explicit_part(explicit, rows.start, rows.stop, block))
+            own = explicit_part(explicit, rows.start, rows.stop, block)
+            if self.loss.in_batch_negatives and self.mining_cfg.name == "none":
+                own = with_in_batch_negatives(own, block)
+            parts.append(own)
         mined = mine(block, self.mining_cfg)
         if mined is not None:
             parts.append(mined)
@@ -210,11 +224,22 @@ class _BlockwiseLoss(torch.autograd.Function):
 
 def _block(mat: torch.Tensor, labels: torch.Tensor, reference_labels: torch.Tensor, first: int,
            inverted: bool) -> Block:
-    same = labels[:, None] == reference_labels[None, :]
+    """Positives and negatives of a chunk by class id; labels [N, 2] also carry content ids (pairs, triplets),
+    and an item with the anchor's content is never its negative."""
+    classes, content = split_labels(labels)
+    reference_classes, reference_content = split_labels(reference_labels)
+    same = classes[:, None] == reference_classes[None, :]
     negative = ~same
+    if content is not None and reference_content is not None:
+        negative &= content[:, None] != reference_content[None, :]
     rows = torch.arange(len(labels), device=labels.device)
     same[rows, first + rows] = False  # an anchor is never its own positive
-    return Block(mat, same, negative, inverted)
+    return Block(mat, same, negative, inverted, reference_content)
+
+
+def split_labels(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class ids [N] and content ids [N] (None) of labels [N, 2] (class id, content id), or of class ids [N]."""
+    return (labels[:, 0], labels[:, 1]) if labels.dim() == 2 else (labels, None)
 
 
 def shift_partners(tuples: IndexTuple, offset: int) -> IndexTuple:

@@ -34,8 +34,10 @@ class Block:
     positive: torch.Tensor
     """[C, R] bool: same class as the anchor, the anchor itself excluded."""
     negative: torch.Tensor
-    """[C, R] bool: another class."""
+    """[C, R] bool: another class, and other content than the anchor where the batch carries content ids."""
     inverted: bool
+    content: torch.Tensor | None = None
+    """[R] content ids of the references (a hash of each item's data), None where the labels carry none."""
 
 
 @dataclass
@@ -113,6 +115,26 @@ def explicit_part(explicit: IndexTuple, start: int, stop: int, block: Block) -> 
     pos.index_put_((a1[keep_pos] - start, p[keep_pos]), torch.ones_like(p[keep_pos], dtype=pos.dtype), accumulate=True)
     neg.index_put_((a2[keep_neg] - start, n[keep_neg]), torch.ones_like(n[keep_neg], dtype=neg.dtype), accumulate=True)
     return Pairs(pos, neg)
+
+
+def with_in_batch_negatives(part: Part, block: Block) -> Pairs:
+    """Explicit tuples plus every reference that is not a positive as a negative of each anchor with a positive.
+
+    What softmax losses on pairs expect (sentence-transformers' MultipleNegativesRankingLoss, CLIP): a reference
+    is left out when it shares the anchor's class (`block.negative`), is one of the anchor's explicit positives,
+    or holds the same content as the anchor or as one of its explicit positives — the same text in another pair
+    is not a negative. The shard's own negatives keep their multiplicity; in-batch ones count once.
+    """
+    pairs = as_pairs(part, block)
+    explicit_positive = pairs.pos > 0
+    candidates = block.negative & ~explicit_positive & explicit_positive.any(dim=1, keepdim=True)
+    if block.content is not None and bool(explicit_positive.any()):
+        _, content = torch.unique(block.content, return_inverse=True)
+        held = torch.zeros(len(block.mat), int(content.max()) + 1, dtype=torch.bool, device=block.mat.device)
+        rows, columns = explicit_positive.nonzero(as_tuple=True)
+        held[rows, content[columns]] = True  # per anchor: the contents of its explicit positives
+        candidates &= ~held[:, content]
+    return Pairs(pairs.pos, torch.maximum(pairs.neg, candidates.to(pairs.neg.dtype)))
 
 
 def everything(block: Block, triplets: bool) -> Part:

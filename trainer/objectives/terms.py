@@ -62,6 +62,8 @@ class BlockLoss:
         self.components = ("pos_loss", "neg_loss") if cfg.name == "contrastive" else ("loss",)
         """The loss's separately reduced parts (PML's sub-losses), in a fixed order for the collectives."""
         self.tuple_kinds = ("triplets",) if self.triplets else ("positive_pairs", "negative_pairs")
+        self.in_batch_negatives = cfg.name in ("supcon", "infonce")
+        """Softmax losses: explicit tuples without a miner take every other item of the batch as a negative."""
 
     def pieces(self, mat: torch.Tensor, block: Block, parts: list[Part]) -> Iterator[Piece]:
         """The loss pieces of one block; `mat` is the block's matrix with autograd, `parts` its selections."""
