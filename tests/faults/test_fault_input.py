@@ -114,3 +114,72 @@ def test_empty_and_sample_less_shard_lists_are_rejected_before_training(tmp_path
     write_shards(tmp_path / "none", [[]])
     with pytest.raises(DataError, match=r"none: 1 shard\(s\) of 0 samples cannot give .* a full batch"):
         epoch_plan(tmp_path / "none", DataConfig(batch_size=4), seed=0, epoch=0, world_size=1)
+
+
+def png(height: int, width: int) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.full((height, width), 128, np.uint8), mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def with_header_size(data: bytes, height: int, width: int) -> bytes:
+    """A PNG whose IHDR chunk declares height × width (CRC fixed up), its pixel data left as it was."""
+    import struct
+    import zlib
+
+    assert data[12:16] == b"IHDR"
+    header = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:8] + struct.pack(">I", 13) + header + struct.pack(">I", zlib.crc32(header)) + data[33:]
+
+
+def image_shards(directory: Path, extra: list[dict]) -> None:
+    directory.mkdir(parents=True)
+    samples = [{"__key__": f"s{i:05d}", "input.png": png(8, 8), "cls": str(i % 3).encode()} for i in range(12)]
+    with wds.TarWriter(str(directory / "shard-000000.tar"), encoder=False) as tar:
+        for item in samples + extra:
+            tar.write(item)
+    write_index(directory, ShardIndex(kind="labeled", views={"input": ViewSpec("png", (1, 8, 8))}, labels=True,
+                                      num_classes=3, shards=(ShardInfo("shard-000000.tar", len(samples) + len(extra)),),
+                                      source="test"))
+
+
+HOSTILE_IMAGES = {
+    # a valid 16x16 image where index.json declares 8x8: refused from its header, before decoding
+    "wrong_size": png(16, 16),
+    # 8x8 pixel data under a header declaring 16x16: decoding it would fail differently (truncated data)
+    "lying_header": with_header_size(png(8, 8), 16, 16),
+    # ~100 Mpixels declared in a few bytes: above Pillow's limit, where Pillow itself only warns and would decode
+    "bomb_warned": with_header_size(png(8, 8), 10_000, 10_000),
+    # ~10 Gpixels: Pillow's own DecompressionBombError, a corrupt sample like any other, not a crash
+    "bomb_refused": with_header_size(png(8, 8), 100_000, 100_000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_IMAGES))
+def test_image_size_is_checked_from_the_header_before_decoding(tmp_path: Path, name: str) -> None:
+    bad = {"__key__": "s00999", "input.png": HOSTILE_IMAGES[name], "cls": b"1"}
+    image_shards(tmp_path / "shards", [bad])
+    batches = list(eval_batches(tmp_path / "shards", DataConfig(on_corrupt="skip", loader_workers=0), batch_size=4))
+    assert "s00999" not in {key for batch in batches for key in batch["keys"]}
+    assert batches[-1]["corrupt"] == 1
+    expected = {"wrong_size": "header size 16x16 differs from index.json 8x8",
+                "lying_header": "header size 16x16 differs from index.json 8x8",
+                "bomb_warned": "header size 10000x10000 differs from index.json 8x8",
+                "bomb_refused": "DecompressionBombError"}[name]
+    with pytest.raises(DataError, match=rf"sample s00999: input.png: cannot decode \(.*{expected}"):
+        list(eval_batches(tmp_path / "shards", DataConfig(on_corrupt="raise", loader_workers=0), batch_size=4))
+
+
+def test_bomb_limit_holds_without_an_index_size_and_for_declared_shapes(tmp_path: Path) -> None:
+    from trainer.data.stream import decode_pixels
+
+    with pytest.raises(ValueError, match="exceeds the decompression-bomb limit"):
+        decode_pixels(HOSTILE_IMAGES["bomb_warned"], 1)  # no declared size (e.g. `twinscale embed`)
+    image_shards(tmp_path / "shards", [])
+    raw = json.loads((tmp_path / "shards" / INDEX_FILE).read_text())
+    raw["views"]["input"]["shape"] = [1, 20_000, 20_000]
+    (tmp_path / "shards" / INDEX_FILE).write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"image shape \[1, 20000, 20000\] has more than 89478485 pixels"):
+        read_index(tmp_path / "shards")

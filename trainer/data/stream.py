@@ -397,7 +397,7 @@ class SampleDecoder:
             if spec.ext == "txt":
                 return hash_ngrams(data.decode("utf-8"), self.buckets, self.ngrams)
             array = decode_npy(data) if spec.ext == "npy" else \
-                decode_pixels(data, (spec.shape or (3,))[0], spec.ext)
+                decode_pixels(data, (spec.shape or (3,))[0], spec.ext, size=(spec.shape or (0, 0, 0))[1:])
         except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
             raise CorruptSample(f"{name}: cannot decode ({type(error).__name__}: {error})") from None
         if array.shape != spec.shape:
@@ -460,10 +460,24 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
 IMAGE_FORMATS = {"png": ("PNG", "JPEG"), "jpg": ("JPEG", "PNG")}
 
 
-def decode_pixels(data: bytes, channels: int, ext: str = "png") -> np.ndarray:
-    """uint8 [C, H, W] from PNG or JPEG bytes."""
+class ImageSizeError(ValueError):
+    """An image whose header declares a size other than expected, or more pixels than Pillow's bomb limit."""
+
+
+def decode_pixels(data: bytes, channels: int, ext: str = "png", size: tuple[int, ...] | None = None) -> np.ndarray:
+    """uint8 [C, H, W] from PNG or JPEG bytes.
+
+    The size in the image's header is checked before any pixel is decoded: against `size` (H, W) when given
+    (the shape index.json declares), and against `Image.MAX_IMAGE_PIXELS` always. A few hundred bytes can declare
+    gigapixels (a decompression bomb); Pillow itself only warns below twice that limit, and would decode."""
     mode = "L" if channels == 1 else "RGB"
     with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS.get(ext, IMAGE_FORMATS["png"])) as image:
+        width, height = image.size  # read from the header by open(); nothing is decoded yet
+        if size is not None and (height, width) != tuple(size):
+            raise ImageSizeError(f"header size {height}x{width} differs from index.json {size[0]}x{size[1]}")
+        if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+            raise ImageSizeError(f"header size {height}x{width} exceeds the decompression-bomb limit of "
+                                 f"{Image.MAX_IMAGE_PIXELS} pixels")
         pixels = np.asarray(image if image.mode == mode else image.convert(mode))
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
