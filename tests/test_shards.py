@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from launch import cli
 from trainer.data import writer
 from trainer.data.formats import INDEX_FILE, ShardIndex, ViewSpec, read_index
 from trainer.data.writer import shards_exist, write_shards
@@ -125,6 +126,45 @@ def test_jsonl_triplets_written_as_given(tmp_path: Path) -> None:
     assert sorted(s["anchor.txt"] + s["positive.txt"] + s["negative.txt"] for s in samples.values()) == \
         sorted(f"q{i}p{i}n{i}".encode() for i in range(5))
     assert not any("anchor.cls" in s for s in samples.values())
+
+
+def _pair_rows(out: Path) -> list[tuple[str, str, bytes]]:
+    index = read_index(out)
+    return sorted((s["a.txt"].decode(), s["b.txt"].decode(), s["similar"]) for s in read_tars(out, index).values())
+
+
+def test_anchor_positive_columns_are_similar_pairs(tmp_path: Path) -> None:
+    """sentence-transformers' and CLIP's layout, no `similar` column: `twinscale shards` writes similar pairs."""
+    (tmp_path / "pairs.csv").write_text('anchor,positive\nhow old is the sun,4.6 billion years\n"a, b",c\n')
+    assert cli.main(["shards", str(tmp_path / "pairs.csv"), "--kind", "pairs", "--out", str(tmp_path / "csv")]) == 0
+    assert _pair_rows(tmp_path / "csv") == [("a, b", "c", b"1"), ("how old is the sun", "4.6 billion years", b"1")]
+    rows = [{"anchor": "q1", "positive": "d1", "anchor_label": 0, "positive_label": 0},
+            {"anchor": "q2", "positive": "d2", "anchor_label": 1, "positive_label": 1}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert cli.main(["shards", str(tmp_path / "pairs.jsonl"), "--kind", "pairs", "--out", str(tmp_path / "j")]) == 0
+    index = read_index(tmp_path / "j")
+    assert index.kind == "pairs" and index.labels and index.num_classes == 2
+    assert _pair_rows(tmp_path / "j") == [("q1", "d1", b"1"), ("q2", "d2", b"1")]
+    assert cli.main(["shards", str(tmp_path / "pairs.csv"), "--kind", "triplets", "--out", str(tmp_path / "t")]) == 2
+
+
+def test_anchor_positive_negative_columns_as_triplets_or_pairs(tmp_path: Path) -> None:
+    """Triplet columns write triplets, or as pairs a similar (anchor, positive) and a dissimilar (anchor,
+    negative) pair per row, both in the same split."""
+    rows = [{"anchor": f"q{i}", "positive": f"p{i}", "negative": f"n{i}"} for i in range(6)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    lines = "anchor,positive,negative\n" + "".join(f"q{i},p{i},n{i}\n" for i in range(6))
+    (tmp_path / "t.csv").write_text(lines)
+    assert cli.main(["shards", str(tmp_path / "t.csv"), "--kind", "triplets", "--out", str(tmp_path / "tr")]) == 0
+    assert read_index(tmp_path / "tr").kind == "triplets" and read_index(tmp_path / "tr").num_samples == 6
+    assert cli.main(["shards", str(tmp_path / "t.jsonl"), "--kind", "pairs", "--out", str(tmp_path / "pairs"),
+                     "--test-fraction", "0.5"]) == 0
+    splits = {split: _pair_rows(tmp_path / "pairs" / split) for split in ("train", "test")}
+    assert sorted(splits["train"] + splits["test"]) == sorted(
+        [(f"q{i}", f"p{i}", b"1") for i in range(6)] + [(f"q{i}", f"n{i}", b"0") for i in range(6)])
+    for rows_of_split in splits.values():
+        anchors = Counter(a for a, _, _ in rows_of_split)
+        assert len(rows_of_split) == 6 and set(anchors.values()) == {2}  # a triplet's two pairs stay together
 
 
 def test_stratified_split_keeps_every_class(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 A SOURCE is `digits` (scikit-learn's 1,797 real 8x8 handwritten digits), an image folder
 (`root/<class>/*.png|jpg|jpeg`), a text file (`.csv` or `.jsonl`) of labeled texts, pairs or triplets, or a
-`.npz` file of arrays. Records hold encoded member bytes (npy/png/jpg/txt), never model code or pickles.
+`.npz` file of arrays. Text files hold labeled texts (`text,label`), pairs (`a,b,similar`, or
+`anchor,positive`: similar pairs) or triplets (`anchor,positive,negative`), with optional `<column>_label` class
+ids. Records hold encoded member bytes (npy/png/jpg/txt), never model code or pickles.
 Bad input raises `DataError` naming the file, column or line.
 """
 
@@ -23,12 +25,15 @@ from trainer.errors import DataError
 
 IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-# Column layouts of a text file, tried in this order; the first whose columns are all present wins.
-TEXT_LAYOUTS: dict[str, tuple[str, ...]] = {
-    "triplets": ("anchor", "positive", "negative"),
-    "pairs": ("a", "b", "similar"),
-    "labeled": ("text", "label"),
-}
+# Column layouts of a text file, tried in this order; the first whose columns are all present wins:
+# (form, the columns it needs, the columns holding its items). `anchor,positive` (sentence-transformers' and
+# CLIP's layout) are similar pairs; `anchor,positive,negative` triplets, which can also be written as pairs.
+TEXT_LAYOUTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("triplets", ("anchor", "positive", "negative"), ("anchor", "positive", "negative")),
+    ("pairs", ("a", "b", "similar"), ("a", "b")),
+    ("pairs", ("anchor", "positive"), ("anchor", "positive")),
+    ("labeled", ("text", "label"), ("text",)),
+)
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes"}, {"0", "false", "no"}
 
 
@@ -188,22 +193,23 @@ def _image_header(path: Path) -> tuple[int, int, str]:
 
 
 def read_text_file(path: Path) -> Source:
-    """A .csv or .jsonl file of labeled texts (text,label), pairs (a,b,similar) or triplets."""
+    """A .csv or .jsonl file of labeled texts (text,label), pairs (a,b,similar or anchor,positive) or triplets
+    (anchor,positive,negative)."""
     rows = list(_csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path))
     if not rows:
         raise DataError(f"{path}: no records")
     columns = set(rows[0][1])
-    form = next((name for name, needed in TEXT_LAYOUTS.items() if set(needed) <= columns), None)
-    if form is None:
-        layouts = "; ".join(",".join(needed) for needed in TEXT_LAYOUTS.values())
+    layout = next((layout for layout in TEXT_LAYOUTS if set(layout[1]) <= columns), None)
+    if layout is None:
+        layouts = "; ".join(",".join(needed) for _, needed, _ in TEXT_LAYOUTS)
         raise DataError(f"{path}: missing columns: found {', '.join(sorted(columns))}; expected one of: {layouts}")
-    views = TEXT_LAYOUTS[form][:-1] if form != "triplets" else TEXT_LAYOUTS[form]
+    form, needed, views = layout
     label_columns = _label_columns(path, form, views, columns)
     records, similar = [], []
     for line, row in rows:
         records.append(tuple(_text_item(path, line, row, view, label) for view, label in label_columns))
-        if form == "pairs":
-            similar.append(_flag(path, line, _field(path, line, row, "similar")))
+        if form == "pairs":  # anchor,positive: every pair is similar
+            similar.append(_flag(path, line, _field(path, line, row, "similar")) if "similar" in needed else True)
     return Source(str(path), form, records, ViewSpec("txt", None), similar)
 
 

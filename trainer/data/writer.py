@@ -5,8 +5,8 @@
                write_shards('digits', 'pairs', Path('data/digit-pairs'), test_fraction=0.4)"
 
 Pairs and triplets are sampled from a labeled source with the seed; text files of pairs or triplets are written
-as given. Everything is written into a hidden sibling directory and renamed into place when complete, so a
-failure leaves no half-written output behind.
+as given (triplets written as pairs give a similar and a dissimilar pair each). Everything is written into a
+hidden sibling directory and renamed into place when complete, so a failure leaves no half-written output behind.
 """
 
 from __future__ import annotations
@@ -104,12 +104,14 @@ def check_target(out_dir: Path, overwrite: bool) -> None:
 
 
 def _check_kind(data: Source, kind: str) -> None:
-    if data.form != "labeled" and data.form != kind:
+    if data.form != "labeled" and data.form != kind and (data.form, kind) != ("triplets", "pairs"):
         raise DataError(f"{data.name}: holds explicit {data.form}, which cannot be written as {kind}; "
                         f"use kind {data.form}")
 
 
 def _tuples(data: Source, kind: str, positions: list[int], per_item: int, rng: np.random.Generator) -> Iterator[Tuple]:
+    if data.form == "triplets" and kind == "pairs":
+        return triplets_as_pairs(data, positions)
     if data.form != "labeled":
         flags: list[bool | None] = list(data.similar) or [None] * len(data.records)
         return ((f"{p:08d}", data.records[p], flags[p]) for p in positions)
@@ -117,6 +119,14 @@ def _tuples(data: Source, kind: str, positions: list[int], per_item: int, rng: n
     if kind == "labeled":
         return ((f"{p:08d}", (item,), None) for p, item in zip(positions, items, strict=True))
     return sample_tuples(items, kind, per_item, rng, data.name)
+
+
+def triplets_as_pairs(data: Source, positions: list[int]) -> Iterator[Tuple]:
+    """Each explicit triplet (anchor, positive, negative) as a similar and a dissimilar pair, in one split."""
+    for p in positions:
+        anchor, positive, negative = data.records[p]
+        yield f"{p:08d}-positive", (anchor, positive), True
+        yield f"{p:08d}-negative", (anchor, negative), False
 
 
 def sample_tuples(items: list[Item], kind: str, per_item: int, rng: np.random.Generator,
