@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer import checkpoint, config
+from trainer import checkpoint, config, preflight
 from trainer.checkpoint import RunState, write_json_atomic
 from trainer.config import Config
 from trainer.engine.build import build_run_model, plan_run
@@ -40,6 +40,7 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     init_distributed(cfg)
     joined = time.time()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    preflight.check_worker_paths(cfg, rank)  # data and run dir on this node, before any heavy work
     torch.set_num_threads(cfg.dist.cpus_per_worker)
     device = resolve_device(cfg)
     plan = plan_run(cfg, world)
