@@ -16,7 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from trainer.errors import ConfigError
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+def _default_recipe() -> Path:
+    """The digits demo recipe: inside the installed package (a wheel ships configs/ as trainer/configs/), else
+    in the repository's configs/ (a checkout, or an editable install)."""
+    packaged = Path(__file__).resolve().parent / "configs" / "default.yaml"
+    return packaged if packaged.is_file() else Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+DEFAULT_RECIPE = _default_recipe()
 
 
 class Section(BaseModel):
