@@ -132,4 +132,24 @@ def test_rayjob_takes_the_wandb_key_from_a_secret_and_runs_a_valid_command() -> 
     assert argv[0] == "twinscale"
     args = build_parser().parse_args(argv[1:])
     assert args.command == "train" and args.address == "auto"
-    config.load(ROOT / args.config, args.overrides)  # the overrides name real keys with valid values
+    cfg = config.load(ROOT / args.config, args.overrides)  # the overrides name real keys with valid values
+    # The head has no CPUs, so every worker runs on another pod: data and runs must be on the shared claim.
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    mounts = {mount["mountPath"] for mount in pods[1]["spec"]["containers"][0]["volumeMounts"]}
+    for path in (cfg.data.train, cfg.data.test, cfg.output_dir):
+        assert path is not None and Path(path).is_absolute() and Path(path).parts[1] == "shared", path
+    assert "/shared" in mounts
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "ray-cluster-aws.yaml"])
+def test_cluster_files_point_data_and_runs_at_shared_storage(name: str) -> None:
+    """The documented submit command of each multi-node file puts shards and runs on the shared mount."""
+    text = (ROOT / "docker" / name).read_text()
+    lines = [line for line in text.splitlines()
+             if line.startswith("#") and ("twinscale submit configs/" in line or line.startswith("#       --"))]
+    command = " ".join(line.lstrip("# ").rstrip("\\ ") for line in lines)
+    argv = shlex.split(command[command.index("twinscale submit"):])
+    args = build_parser().parse_args(argv[1:])
+    cfg = config.load(ROOT / args.config, args.overrides)
+    for path in (cfg.data.train, cfg.data.test, cfg.output_dir):
+        assert path is not None and path.startswith("/shared/"), (name, path)
