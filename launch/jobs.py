@@ -130,6 +130,13 @@ def submit(config_path: Path | None, overrides: list[str], address: str, *, work
         print(f"twinscale: warning: output_dir {cfg.output_dir} is relative, so the run lands in the job's temporary "
               "working directory on the head; for checkpoints you can resume, use shared storage "
               "(--set output_dir=/shared/runs)", file=sys.stderr)
+    local_data = [key for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test))
+                  if path is not None and not Path(path).is_absolute()]
+    if local_data and cfg.data.source is not None:
+        print(f"twinscale: warning: {' and '.join(local_data)} are relative and data.source writes missing shards on "
+              "the head after the upload, so workers on other nodes will not find them; on a multi-node cluster "
+              "use shared storage (--set data.train=/shared/data/NAME/train --set data.test=/shared/data/NAME/test)",
+              file=sys.stderr)
     job_id = f"twinscale-{cfg.name}"
     try:
         client.submit_job(entrypoint=entrypoint, runtime_env=env, submission_id=job_id,
