@@ -1,0 +1,78 @@
+"""One worker without Ray: `python -m trainer.train RECIPE` and `torchrun --nproc_per_node 1 -m trainer.train`.
+
+DeepSpeed needs a process group even for one worker; a process started alone gets one over an in-memory store,
+torchrun's single rank one over env://. Both must train, checkpoint, resume and export like a Ray run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.cli import main as twinscale
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+RECIPE = """\
+data: {{train: {root}/digits/train, test: {root}/digits/test, batch_size: 64}}
+model: {{encoder: mlp, hidden_dims: [64], embedding_dim: 16}}
+loss: {{name: supcon}}
+mining: {{name: none}}
+optim: {{epochs: 4, warmup_steps: 4}}
+checkpoint: {{every_steps: 10}}
+log: {{wandb: false}}
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("one-process")
+    assert twinscale(["shards", "digits", "--kind", "labeled", "--out", str(root / "digits"), "--test-fraction",
+                      "0.4", "--samples-per-shard", "128"]) == 0
+    path = root / "recipe.yaml"
+    path.write_text(RECIPE.format(root=root))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run(command: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout
+
+
+LAUNCHERS = {
+    "python": [sys.executable, "-m", "trainer.train"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", "{port}",
+                 "-m", "trainer.train"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_one_worker_trains_resumes_and_exports(recipe: Path, launcher: str) -> None:
+    command = [part.format(port=_free_port()) for part in LAUNCHERS[launcher]] + [str(recipe), "--set",
+                                                                                  f"name={launcher}"]
+    _run([*command, "--set", "optim.max_steps=30"], recipe.parent)
+    run_dir = recipe.parent / "runs" / launcher
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000020", "step_00000030"]
+    # Resume the same run to its full length (4 epochs of 16 batches: 64 steps).
+    command[-1] = f"name={launcher}"
+    _run([*command, "--resume"], recipe.parent)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["step"] == 64 and (run_dir / "model" / "model.safetensors").is_file()
+    assert final["map_at_r"] > 0.7  # raw pixels: 0.53; this recipe measured 0.75
