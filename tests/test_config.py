@@ -114,7 +114,8 @@ def test_name_is_one_plain_path_component(name: str, problem: str, tmp_path: Pat
 
 
 @pytest.mark.parametrize("entry,expected", [
-    ("{zero_optimization: {stage: 3}}", "dist.deepspeed.zero_optimization.stage: set by Twinscale; use dist.zero_stage"),
+    ("{zero_optimization: {stage: 3}}",
+     "dist.deepspeed.zero_optimization.stage: set by Twinscale; use dist.zero_stage"),
     ("{train_batch_size: 512}", "dist.deepspeed.train_batch_size: set by Twinscale; use data.batch_size"),
     ("{train_micro_batch_size_per_gpu: 8}", "dist.deepspeed.train_micro_batch_size_per_gpu: set by Twinscale"),
     ("{gradient_accumulation_steps: 4}", "use optim.gradient_accumulation_steps"),
