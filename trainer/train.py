@@ -21,7 +21,7 @@ from trainer import checkpoint, config, preflight
 from trainer.checkpoint import RunState, write_json_atomic
 from trainer.config import Config
 from trainer.engine.build import build_run_model, plan_run
-from trainer.engine.engine import build_engine, init_distributed, resolve_device
+from trainer.engine.engine import build_engine, init_distributed, master_state_dict, resolve_device
 from trainer.engine.loop import STOP, TrainLoop
 from trainer.errors import UserError
 from trainer.models.export import export_model
@@ -67,6 +67,8 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     state = loop.run(state)
     corrupt = torch.tensor([sum(loop.corrupt_by_worker.values())], dtype=torch.long)
     total_corrupt = int(default_collective().sum(corrupt))
+    # The fp32 master weights, not the module's (bf16 on GPU); assembling ZeRO partitions is collective.
+    weights = master_state_dict(engine) if loop.stopped_by is None else None
     if rank != 0:
         return None
     assert tracker is not None
@@ -75,7 +77,8 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
                    "checkpoint": str(checkpoint.checkpoint_path(run_dir, state.step))}
         tracker.finish({"stopped_at_step": state.step})
         return stopped
-    export_model(engine.module, cfg.model, plan.spec_a, plan.spec_b, run_dir / "model",
+    assert weights is not None
+    export_model(weights, cfg.model, plan.spec_a, plan.spec_b, run_dir / "model",
                  extra={"text_buckets": cfg.data.text_buckets, "text_ngrams": list(cfg.data.text_ngrams)})
     final = {**loop.last_eval, "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
              "train_samples_per_s": loop.throughput.samples_per_s, "corrupt_samples_skipped": total_corrupt,

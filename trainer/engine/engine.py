@@ -78,6 +78,29 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_ste
     return engine
 
 
+def master_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The trained weights as fp32 CPU tensors: DeepSpeed's fp32 master copy of every parameter (assembled from
+    the ZeRO partitions) rather than the module's own, which under bf16 are rounded copies of it.
+
+    Collective under ZeRO 1-2 (the partitions are all-reduced): every rank calls it."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = engine.module
+    # DeepSpeed's unfused fp16/bf16 optimizer (ZeRO 0 where its fused kernels are missing, e.g. on CPU) keeps
+    # the masters in lists parallel to the module's parameters, without the mapping safe_get_full_fp32_param reads.
+    low, high = getattr(engine.optimizer, "fp16_groups", None), getattr(engine.optimizer, "fp32_groups", None)
+    unfused = {id(p): m for lows, highs in zip(low, high, strict=True) for p, m in zip(lows, highs, strict=True)} \
+        if low is not None and high is not None else {}
+    weights = {name: tensor.detach() for name, tensor in module.state_dict().items()}  # buffers included
+    for name, param in module.named_parameters():
+        master = safe_get_full_fp32_param(param)
+        if master is None:
+            master = unfused.get(id(param), param)
+        weights[name] = master.detach()
+    return {name: (t.float() if t.is_floating_point() else t).to("cpu").contiguous().clone()
+            for name, t in weights.items()}
+
+
 def init_distributed(cfg: Config) -> None:
     """Join (or create) the default process group: NCCL on GPU, gloo on CPU.
 

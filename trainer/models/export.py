@@ -29,15 +29,18 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-def export_model(model: EmbeddingModel, cfg: ModelConfig, spec_a: InputSpec, spec_b: InputSpec | None,
-                 out_dir: Path, extra: dict[str, Any] | None = None) -> None:
-    """Write `out_dir/model.safetensors` and `out_dir/config.json`; `extra` (e.g. text hashing) is kept as is."""
+def export_model(model: EmbeddingModel | dict[str, torch.Tensor], cfg: ModelConfig, spec_a: InputSpec,
+                 spec_b: InputSpec | None, out_dir: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write `out_dir/model.safetensors` and `out_dir/config.json`; `extra` (e.g. text hashing) is kept as is.
+
+    `model` is a model or its state dict (a training run passes the optimizer's fp32 master weights)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights, config = out_dir / WEIGHTS_FILE, out_dir / CONFIG_FILE
     weights_tmp, config_tmp = _temp_path(weights), _temp_path(config)
     try:
-        save_file(_plain_state_dict(model), str(weights_tmp), metadata={"format": FORMAT_NAME})
+        state = model if isinstance(model, dict) else model.state_dict()
+        save_file(_plain_state_dict(state), str(weights_tmp), metadata={"format": FORMAT_NAME})
         _fsync(weights_tmp)
         document = _config_document(cfg, spec_a, spec_b, extra, _sha256(weights_tmp))
         config_tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
@@ -71,10 +74,10 @@ def load_exported(path: Path) -> tuple[EmbeddingModel, dict[str, Any]]:
     return model.eval(), document
 
 
-def _plain_state_dict(model: EmbeddingModel) -> dict[str, torch.Tensor]:
+def _plain_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage (tied weights, views); a contiguous CPU copy of each
     # entry de-aliases them, and loading copies the same values back into every alias.
-    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in model.state_dict().items()}
+    return {name: tensor.detach().to("cpu").contiguous().clone() for name, tensor in state.items()}
 
 
 def _read_config(config_path: Path) -> dict[str, Any]:
