@@ -167,20 +167,20 @@ def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int
 
 
 def absolute_paths(cfg: Any, address: str | None = None) -> Any:
-    """The run's paths as its workers should see them.
+    """Relative data paths and `output_dir` resolved against the working directory here: Ray Train starts each
+    worker in a directory of its own, so a relative path would mean nothing there.
 
-    With a Ray started here (no `address`) every worker shares this machine's disk, so relative paths are
-    resolved against this working directory. On a cluster a worker reads data on its own node: a relative data
-    path stays relative, resolved against each worker's working directory (a submitted job's uploaded directory,
-    which Ray copies to every node), and each worker checks at start that it can read it (trainer.preflight).
-    `output_dir` is always made absolute: Ray Train's storage path and the final metrics read here live there.
+    Absolute paths are kept as written (not resolved through symlinks): on a cluster they name each worker's own
+    node, where every worker checks at start that it can read them (trainer.preflight). `address` is unused here
+    and kept so that callers pass the same arguments as to `ensure_shards`.
     """
-    data = cfg.data
-    if address is None:
-        data = cfg.data.model_copy(update={
-            "train": str(Path(cfg.data.train).resolve()),
-            "test": None if cfg.data.test is None else str(Path(cfg.data.test).resolve()),
-        })
+    def absolute(path: str) -> str:
+        return path if Path(path).is_absolute() else str(Path(path).resolve())
+
+    data = cfg.data.model_copy(update={
+        "train": absolute(cfg.data.train),
+        "test": None if cfg.data.test is None else absolute(cfg.data.test),
+    })
     return cfg.model_copy(update={"data": data, "output_dir": str(Path(cfg.output_dir).resolve())})
 
 

@@ -1,8 +1,8 @@
 """One run across two Ray nodes: a head and a second node joined on loopback (`ray start --address`), one CPU
 each, so the 2 workers land one per node; each worker streams its own shards, mining and the loss see the
 global batch, and both ranks write their parts of each checkpoint into the run's shared storage path. First, a
-relative data path that exists only under the driver's working directory is refused by every worker's preflight
-check (naming the node and the path), with one line and exit code 2 on the driver."""
+data path that exists only where the driver runs (a node-local disk, played by /proc/self/cwd) is refused by
+every worker's preflight check (naming the node and the path), with one line and exit code 2 on the driver."""
 
 from __future__ import annotations
 
@@ -44,20 +44,24 @@ def test_two_nodes_one_worker_each_shared_checkpoints(tmp_path: Path) -> None:
                  "--set", "data.loader_workers=0", "--set", "eval.batch_size=256", *extra],
                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
-        # The driver writes the shards under its own working directory; the workers' working directory (where
-        # `ray start` ran) differs, as another node's would: each worker refuses to start, naming its node and
-        # the path, and the driver ends with that one line, exit 2.
+        # /proc/self/cwd/... is an absolute path that names a different directory in every process: here it
+        # stands for a node-local disk (/scratch, a pod's own volume) that only the driver's node holds. The
+        # driver writes the shards under its own working directory; Ray Train starts the workers in another one,
+        # as if on another node: each worker refuses to start, naming its node and the path, and the driver ends
+        # with that one line, exit 2.
         relative = f"data/driver-only-{tmp_path.name}"
-        refused = train("relative", relative, "--set", "optim.max_steps=1")
+        local = f"/proc/self/cwd/{relative}"
+        refused = train("local-disk", local, "--set", "optim.max_steps=1")
         assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
         errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-        assert f"on node {socket.gethostname()}" in errors[0] and f"data.train {relative}/train (here " in errors[0]
+        assert f"on node {socket.gethostname()}" in errors[0] and f"data.train {local}/train: " in errors[0]
         assert "storage every node mounts" in errors[0]
-        assert (tmp_path / relative / "train" / "index.json").is_file()  # it is there, on the driver's disk only
+        assert (tmp_path / relative / "train" / "index.json").is_file()  # it is there, on the driver's side only
 
-        # Absolute paths on storage every node shares (here: the one file system) work.
-        result = train("two-nodes", str(tmp_path / relative), "--set", "optim.max_steps=4",
+        # The same shards by a relative path, which the driver resolves to an absolute path on storage every node
+        # shares (here: the one file system), work.
+        result = train("two-nodes", relative, "--set", "optim.max_steps=4",
                        "--set", "checkpoint.every_steps=2", "--set", "dist.zero_stage=1")
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         listed = subprocess.run([sys.executable, "-c", LIST_WORKERS, cluster.gcs_address], env=env,
