@@ -110,6 +110,8 @@ def test_cached_training_under_torchrun_matches_plain_training(tmp_path: Path) -
                                 cwd=tmp_path, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         weights[name] = load_file(str(tmp_path / "runs" / name / "model" / "model.safetensors"))
-        assert json.loads((tmp_path / "runs" / name / "final_metrics.json").read_text())["step"] == 6
+        final = json.loads((tmp_path / "runs" / name / "final_metrics.json").read_text())
+        # 6 steps already help: measured MAP@R 0.389; the untrained MLP gives 0.340 (0.22-0.34 over seeds 0-2).
+        assert final["step"] == 6 and final["map_at_r"] > 0.365
     for key, value in weights["plain"].items():
         np.testing.assert_allclose(weights["cached"][key], value, rtol=1e-4, atol=1e-5)

@@ -63,7 +63,9 @@ def test_nonfinite_steps_are_skipped_and_counted(poisoned: Path) -> None:
     assert all(row["loss"] is not None for row in rows if not row.get("skipped"))
     weights = load_file(str(run_dir / "model" / "model.safetensors"))
     assert all(np.isfinite(value).all() for value in weights.values())  # one NaN update would poison them all
-    assert final["map_at_r"] > 0.6  # it learned from the other steps (raw pixels: 0.53)
+    # It learned from the other steps. Measured on this test split (digits 1000-1796): raw pixels MAP@R 0.580,
+    # the untrained MLP 0.348 (seed 0; 0.29-0.41 over seeds 0-2), this run 0.678.
+    assert final["map_at_r"] > 0.63
 
 
 def test_too_many_nonfinite_steps_stop_without_saving(poisoned: Path) -> None:
