@@ -38,15 +38,9 @@ def node_name() -> str:
     """`hostname (ip)` of this machine, as a user would look for it in the cluster's node list."""
     host = socket.gethostname()
     try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            probe.connect(("10.254.254.254", 1))  # no packet is sent: this only picks the outgoing interface
-            address = probe.getsockname()[0]
+        return f"{host} ({socket.gethostbyname(host)})"
     except OSError:
-        try:
-            address = socket.gethostbyname(host)
-        except OSError:
-            return host
-    return f"{host} ({address})"
+        return host
 
 
 def _check_shards(key: str, directory: Path, where: str) -> None:
