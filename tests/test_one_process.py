@@ -15,30 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main as twinscale
-
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-RECIPE = """\
-data: {{train: {root}/digits/train, test: {root}/digits/test, batch_size: 64}}
-model: {{encoder: mlp, hidden_dims: [64], embedding_dim: 16}}
-loss: {{name: supcon}}
-mining: {{name: none}}
-optim: {{epochs: 4, warmup_steps: 4}}
-checkpoint: {{every_steps: 10}}
-log: {{wandb: false}}
-"""
-
-
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("one-process")
-    assert twinscale(["shards", "digits", "--kind", "labeled", "--out", str(root / "digits"), "--test-fraction",
-                      "0.4", "--samples-per-shard", "128"]) == 0
-    path = root / "recipe.yaml"
-    path.write_text(RECIPE.format(root=root))
-    return path
+SETTINGS = ["--set", "optim.epochs=4", "--set", "optim.warmup_steps=4", "--set", "checkpoint.every_steps=10"]
 
 
 def _free_port() -> int:
@@ -64,15 +44,14 @@ LAUNCHERS = {
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_one_worker_trains_resumes_and_exports(recipe: Path, launcher: str) -> None:
-    command = [part.format(port=_free_port()) for part in LAUNCHERS[launcher]] + [str(recipe), "--set",
-                                                                                  f"name={launcher}"]
-    _run([*command, "--set", "optim.max_steps=30"], recipe.parent)
-    run_dir = recipe.parent / "runs" / launcher
+def test_one_worker_trains_resumes_and_exports(digits_recipe: Path, launcher: str) -> None:
+    launch = [part.format(port=_free_port()) for part in LAUNCHERS[launcher]]
+    command = [*launch, str(digits_recipe), *SETTINGS, "--set", f"name={launcher}"]
+    _run([*command, "--set", "optim.max_steps=30"], digits_recipe.parent)
+    run_dir = digits_recipe.parent / "runs" / launcher
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000020", "step_00000030"]
     # Resume the same run to its full length (4 epochs of 16 batches: 64 steps).
-    command[-1] = f"name={launcher}"
-    _run([*command, "--resume"], recipe.parent)
+    _run([*command, "--resume"], digits_recipe.parent)
     final = json.loads((run_dir / "final_metrics.json").read_text())
     assert final["step"] == 64 and (run_dir / "model" / "model.safetensors").is_file()
     assert final["map_at_r"] > 0.7  # raw pixels: 0.53; this recipe measured 0.75
