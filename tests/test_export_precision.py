@@ -24,18 +24,22 @@ pytestmark = pytest.mark.slow
 SETTINGS = ["--set", "optim.max_steps=12", "--set", "optim.warmup_steps=2", "--set", "dist.precision=bf16"]
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_bf16_run_exports_fp32_master_weights(digits_recipe: Path, zero_stage: int) -> None:
-    name = f"zero{zero_stage}"
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("device,zero_stage", [("cpu", 0), ("cpu", 2), pytest.param("cuda", 0, marks=ON_GPU),
+                                               pytest.param("cuda", 2, marks=ON_GPU)])
+def test_bf16_run_exports_fp32_master_weights(digits_recipe: Path, device: str, zero_stage: int) -> None:
+    name = f"{device}-zero{zero_stage}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     command = [sys.executable, "-m", "trainer.train", str(digits_recipe), *SETTINGS, "--set", f"name={name}",
-               "--set", f"dist.zero_stage={zero_stage}"]
+               "--set", f"dist.zero_stage={zero_stage}", "--set", f"dist.device={device}"]
     done = subprocess.run(command, cwd=digits_recipe.parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     run_dir = digits_recipe.parent / "runs" / name
     exported = load_file(str(run_dir / "model" / "model.safetensors"))
     saved = safe_checkpoint_engine().load(str(run_dir / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt"))
-    module = saved["module"]
+    module = {name: tensor.cpu() for name, tensor in saved["module"].items()}
     assert set(exported) == set(module)
     lost = 0
     for name, weight in exported.items():
