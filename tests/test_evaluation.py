@@ -1,14 +1,26 @@
-"""Evaluation metrics against hand-computed examples and a brute-force reference."""
+"""Evaluation metrics against hand-computed examples, a brute-force reference and the PML AccuracyCalculator
+path they replaced; query shares against one process; the bounded memory of the k-NN search."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import faiss
 import numpy as np
 import pytest
 import torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator, try_getting_not_lone_labels
+from pytorch_metric_learning.utils.inference import FaissKNN
 
-from trainer.evaluation import retrieval_metrics, triplet_metrics, verification_metrics
+from trainer import evaluation
+from trainer.evaluation import (
+    retrieval_metrics,
+    retrieval_scores,
+    summarize_retrieval,
+    triplet_metrics,
+    verification_metrics,
+)
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:
@@ -87,6 +99,97 @@ def test_retrieval_matches_brute_force_on_random_data(seed: int) -> None:
     metrics = retrieval_metrics(embeddings, labels, recall_k=4)
     expected = brute_force_retrieval(embeddings.double().numpy(), labels.numpy(), k=4)
     assert {name: metrics[name] for name in expected} == pytest.approx(expected)
+
+
+class PMLRetrieval(AccuracyCalculator):
+    """The retrieval path this module replaced: PML's AccuracyCalculator on one k-NN of every item at once (an
+    N × k neighbour matrix, k the largest class size), plus recall_at_k."""
+
+    def __init__(self, recall_k: int, **kwargs: Any) -> None:
+        self.recall_k = recall_k
+        super().__init__(**kwargs)
+
+    def requires_knn(self) -> list[str]:
+        return [*super().requires_knn(), "recall_at_k"]
+
+    def determine_k(self, bin_counts: torch.Tensor, num_reference_embeddings: int, ref_includes_query: bool) -> int:
+        return int(self.k)
+
+    def calculate_recall_at_k(self, knn_labels: torch.Tensor, query_labels: torch.Tensor,
+                              not_lone_query_mask: torch.Tensor, **kwargs: Any) -> float:
+        knn_labels, query_labels = try_getting_not_lone_labels(knn_labels, query_labels, not_lone_query_mask)
+        return (knn_labels[:, : self.recall_k] == query_labels[:, None]).any(dim=1).double().mean().item()
+
+
+def pml_retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, recall_k: int) -> dict[str, float]:
+    """The previous `retrieval_metrics`, verbatim in what it computes."""
+    _, dense, counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    names = {"precision_at_1": "precision_at_1", "mean_average_precision_at_r": "map_at_r",
+             "r_precision": "r_precision", "recall_at_k": "recall_at_k"}
+    calculator = PMLRetrieval(recall_k=recall_k, include=tuple(names), k=min(max(int(counts.max()), recall_k),
+                              len(labels) - 1), device=torch.device("cpu"),
+                              knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP))
+    results = calculator.get_accuracy(embeddings.float(), dense, ref_includes_query=True)
+    return {**{names[name]: float(value) for name, value in results.items()},
+            "num_queries": float(counts[dense].gt(1).sum())}
+
+
+def clustered(seed: int, items: int, classes: int, dim: int = 16, noise: float = 0.6) -> tuple[torch.Tensor, ...]:
+    """Unit vectors around class centres (continuous noise: no ties), uneven class sizes, some lone items."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (items,), generator=generator) ** 2  # sparse, uneven ids
+    centres = torch.randn(int(labels.max()) + 1, dim, generator=generator)
+    noisy = centres[labels] + noise * torch.randn(items, dim, generator=generator)
+    return torch.nn.functional.normalize(noisy, dim=1), labels
+
+
+@pytest.mark.parametrize(("seed", "items", "classes", "recall_k"), [(0, 300, 20, 5), (1, 500, 4, 10),
+                                                                    (2, 200, 150, 10), (3, 64, 1, 3)])
+def test_retrieval_equals_the_pml_path_it_replaced(seed: int, items: int, classes: int, recall_k: int) -> None:
+    # Many small classes with lone items, a few large ones (k > 100), one class of everything (k = N - 1).
+    embeddings, labels = clustered(seed, items, classes)
+    expected = pml_retrieval_metrics(embeddings, labels, recall_k)
+    assert retrieval_metrics(embeddings, labels, recall_k) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("shares", [2, 3, 5, 40])
+def test_query_shares_concatenate_to_one_process_bit_for_bit(monkeypatch: pytest.MonkeyPatch, shares: int) -> None:
+    monkeypatch.setattr(evaluation, "NEIGHBOUR_BLOCK", 1000)  # blocks of 32 queries: 13 blocks for 400 items
+    embeddings, labels = clustered(4, 400, 12)
+    whole = retrieval_scores(embeddings, labels, recall_k=5)
+    parts = [retrieval_scores(embeddings, labels, recall_k=5, share=i, shares=shares) for i in range(shares)]
+    assert sum(len(part) for part in parts) == 400 and any(len(part) == 0 for part in parts) == (shares > 13)
+    assert torch.equal(torch.cat(parts), whole)
+    metrics = retrieval_metrics(embeddings, labels, 5)
+    assert summarize_retrieval(torch.cat(parts)) == summarize_retrieval(whole) == metrics
+
+
+def test_knn_search_holds_one_block_of_neighbours_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One class of 600 items needs k = 599 neighbours per query: 600 × 600 at once before. Blocks of queries
+    # keep each search's answer (queries × (k + 1)) within NEIGHBOUR_BLOCK entries, or 32 queries.
+    monkeypatch.setattr(evaluation, "NEIGHBOUR_BLOCK", 40_000)
+    searched: list[tuple[int, int]] = []
+    search = faiss.IndexFlatIP.search
+
+    def recording(index: faiss.IndexFlatIP, queries: np.ndarray, k: int, *args: Any, **kwargs: Any) -> Any:
+        searched.append((len(queries), k))
+        return search(index, queries, k, *args, **kwargs)
+
+    monkeypatch.setattr(faiss.IndexFlatIP, "search", recording)
+    embeddings, labels = clustered(5, 600, 1)
+    metrics = retrieval_metrics(embeddings, labels, recall_k=10)
+    assert metrics["map_at_r"] == 1.0 and metrics["num_queries"] == 600  # every other item is relevant
+    assert sum(queries for queries, _ in searched) == 600 and {k for _, k in searched} == {600}
+    assert max(queries * k for queries, k in searched) <= 40_000
+
+
+def test_an_exact_duplicate_is_a_neighbour_the_query_itself_is_not() -> None:
+    # Items 0 and 1 are the same vector: each one's nearest other item is the other, whichever order faiss
+    # returns the tie in; the query itself never counts as its own neighbour.
+    embeddings = on_circle([0, 0, 40, 80, 120])
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    scores = retrieval_scores(embeddings, labels, recall_k=1)
+    assert scores[:2, 0].tolist() == [1.0, 1.0] and scores[:2, 2].tolist() == [1.0, 1.0]
 
 
 def test_large_integer_labels_equal_dense_labels() -> None:

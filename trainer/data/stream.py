@@ -7,7 +7,8 @@ tar members → seeded shuffle buffer → explicit decode of the declared member
 data.classes_per_batch, class-balanced batches of P classes × K samples (trainer.data.balance). The stream depends
 only on (seed, epoch, rank, worker), so an epoch can be replayed or resumed exactly.
 
-Evaluation (`eval_batches`): every sample once, in index order, last partial batch kept.
+Evaluation (`eval_batches`): every sample once, in index order, last partial batch kept; with several ranks each
+streams a contiguous share of that order (`eval_share`).
 
 A batch is a plain dict:
     views:   {view: float32 tensor [B, *shape] (npy), float32 [B, C, H, W] in [0, 1] (png/jpg), or TextBatch (txt)}
@@ -198,12 +199,62 @@ atexit.register(_stop_live_loaders)
 multiprocessing.util.Finalize(None, _stop_live_loaders, exitpriority=100)  # before the queues close (10)
 
 
-def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int) -> Iterator[Batch]:
-    """Every sample of the shard set once, in index order, unshuffled, the last partial batch kept."""
+def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int, rank: int = 0,
+                 world_size: int = 1) -> Iterator[Batch]:
+    """Rank `rank`'s share of the shard set, in index order, unshuffled, the last partial batch kept.
+
+    The shares are contiguous runs of samples in index order (`eval_share`), so every sample is in exactly one
+    share, whatever the numbers of ranks and shards (a shard may be split between ranks), and the ranks' batches
+    concatenated in rank order are one process's batches. With one rank: every sample once, in index order.
+    """
     index = read_index(shard_dir)
-    files = tuple(shard.file for shard in index.shards)
-    pipeline = _pipeline(Path(shard_dir), index, cfg, (files,), batch_size, stream=None)
+    share = eval_share(index, rank, world_size)
+    state = _WorkerState(cfg.on_corrupt, rank=rank)
+    pipeline = wds.DataPipeline(
+        _SlotShards(Path(shard_dir), (tuple(share),), state),
+        wds.tarfile_to_samples(handler=state.tar_error, select_files=_DeclaredMembers(index.members())),
+        _SamplesInShare(Path(shard_dir), share),  # before decoding: a sample outside the share costs no decode
+        wds.map(SampleDecoder(index, cfg, state)),
+        wds.batched(batch_size, collation_fn=BatchCollator(index, state), partial=True),
+    )
     return _worker_batches(pipeline)
+
+
+def eval_share(index: ShardIndex, rank: int, world_size: int) -> dict[str, tuple[int, int]]:
+    """Rank `rank`'s evaluation share: {shard file: (first, end) sample positions within that shard}.
+
+    Samples [N·rank/W, N·(rank+1)/W) of the index order: shares differ in size by at most one sample, and a rank
+    may get none (more ranks than samples)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside world_size {world_size}")
+    first, end = index.num_samples * rank // world_size, index.num_samples * (rank + 1) // world_size
+    share, offset = {}, 0
+    for shard in index.shards:
+        low, high = max(first, offset), min(end, offset + shard.samples)
+        if low < high:
+            share[shard.file] = (low - offset, high - offset)
+        offset += shard.samples
+    return share
+
+
+class _SamplesInShare:
+    """Pipeline stage: keeps the samples whose position within their shard is inside the rank's share.
+
+    Positions count the samples as the tar reader yields them, the same on every rank, so the shares stay
+    disjoint and complete even where a damaged shard yields fewer samples than its index entry says."""
+
+    def __init__(self, directory: Path, share: dict[str, tuple[int, int]]) -> None:
+        self.bounds = {str(directory / file): span for file, span in share.items()}
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        url, position = None, 0
+        for sample in samples:
+            if sample.get("__url__") != url:
+                url, position = sample.get("__url__"), 0
+            first, end = self.bounds.get(str(url), (0, 0))
+            if first <= position < end:
+                yield sample
+            position += 1
 
 
 def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, slots: tuple[tuple[str, ...], ...],

@@ -1,7 +1,16 @@
 """Held-out evaluation of a model on a shard split: retrieval for labeled items, verification for pairs,
-triplet accuracy for triplets."""
+triplet accuracy for triplets.
+
+Every worker takes part: each embeds its own contiguous share of the split (`eval_batches(rank=, world_size=)`),
+the shares are gathered in rank order (so every worker holds the split in index order), and each worker scores
+its share of the retrieval queries against all items; the per-query scores are gathered and averaged in one
+order. Every worker returns the same metrics, equal to one process's; the work per worker falls with the
+number of workers, and none waits in a collective while another embeds the whole split.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -9,48 +18,98 @@ from trainer.config import Config
 from trainer.data.formats import KIND_VIEWS, read_index
 from trainer.data.stream import eval_batches
 from trainer.engine.step import TOWER_SIDE, move_inputs
-from trainer.evaluation import retrieval_metrics, triplet_metrics, verification_metrics
+from trainer.evaluation import (
+    cosine_scores,
+    retrieval_scores,
+    summarize_retrieval,
+    triplet_from_scores,
+    verification_from_scores,
+)
+from trainer.objectives.gather import Collective
+
+
+@dataclass
+class EmbeddedShare:
+    """One worker's share of a split after the towers: float32 CPU embeddings and int64 labels per view, and
+    the pairs' similar flags (float32)."""
+
+    kind: str
+    embeddings: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]
+    similar: torch.Tensor | None
 
 
 @torch.no_grad()
-def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config,
-                device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """Embeddings per view (float32, CPU) of every sample of a split, its labels per view, and `similar`."""
-    kind = read_index(shard_dir).kind
+def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config, device: torch.device,
+                collective: Collective | None = None) -> EmbeddedShare:
+    """This worker's share of a split, embedded (the whole split with one worker)."""
+    collective = collective or Collective()
+    index = read_index(shard_dir)
+    kind = index.kind
     dtype = next(model.parameters()).dtype
     embedded: dict[str, list[torch.Tensor]] = {view: [] for view in KIND_VIEWS[kind]}
-    labels: dict[str, list[torch.Tensor]] = {}
+    # From the index, not from the batches: a rank with an empty share must still take part in every gather.
+    labels: dict[str, list[torch.Tensor]] = {view: [] for view in KIND_VIEWS[kind]} if index.labels else {}
     similar: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
-    for batch in eval_batches(shard_dir, cfg.data, batch_size=cfg.eval.batch_size):
-        for view in KIND_VIEWS[kind]:
-            inputs = move_inputs(batch["views"][view], device, dtype)
-            embedded[view].append(model(inputs, TOWER_SIDE[view]).float().cpu())
-        for view, value in batch.get("labels", {}).items():
-            labels.setdefault(view, []).append(value)
-        if "similar" in batch:
-            similar.append(batch["similar"])
-    model.train(was_training)
-    extra = {"similar": torch.cat(similar)} if similar else {}
-    return ({v: torch.cat(t) for v, t in embedded.items()}, {v: torch.cat(t) for v, t in labels.items()},
-            {"kind": kind, **extra})
+    try:
+        for batch in eval_batches(shard_dir, cfg.data, batch_size=cfg.eval.batch_size, rank=collective.rank,
+                                  world_size=collective.world_size):
+            for view in KIND_VIEWS[kind]:
+                inputs = move_inputs(batch["views"][view], device, dtype)
+                embedded[view].append(model(inputs, TOWER_SIDE[view]).float().cpu())
+            for view, value in batch.get("labels", {}).items():
+                labels[view].append(value)
+            if "similar" in batch:
+                similar.append(batch["similar"])
+    finally:
+        model.train(was_training)
+    return EmbeddedShare(kind, {v: _rows(t, torch.float32) for v, t in embedded.items()},
+                         {v: _rows(t, torch.int64) for v, t in labels.items()},
+                         _rows(similar, torch.float32) if kind == "pairs" else None)
 
 
-def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device,
-             shard_dir: str | None = None) -> dict[str, float]:
-    """Metrics of `model` on the held-out split (`data.test` unless `shard_dir` is given)."""
+def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, shard_dir: str | None = None,
+             collective: Collective | None = None) -> dict[str, float]:
+    """Metrics of `model` on the held-out split (`data.test` unless `shard_dir` is given).
+
+    With a `collective` of several workers, every worker must call this (it gathers); all return the same."""
+    collective = collective or Collective()
     split = shard_dir or cfg.data.test
     assert split is not None
-    embeddings, labels, extra = embed_split(model, split, cfg, device)
-    metrics: dict[str, float] = {}
-    kind = extra["kind"]
-    if kind == "pairs":
-        metrics.update(verification_metrics(embeddings["a"], embeddings["b"], extra["similar"]))
-    if kind == "triplets":
-        metrics.update(triplet_metrics(embeddings["anchor"], embeddings["positive"], embeddings["negative"]))
-    if kind == "labeled":
-        # Each held-out item queries all the others. (Pair/triplet splits repeat items across tuples, which
-        # would make retrieval scores meaningless, so they get verification / triplet metrics instead.)
-        metrics.update(retrieval_metrics(embeddings["input"], labels["input"], recall_k=cfg.eval.recall_k))
-    return metrics
+    share = embed_split(model, split, cfg, device, collective)
+    if share.kind == "pairs":
+        assert share.similar is not None
+        scores = _gather_rows(collective, torch.from_numpy(cosine_scores(share.embeddings["a"], share.embeddings["b"])))
+        similar = _gather_rows(collective, share.similar)
+        return verification_from_scores(scores.numpy(), similar.numpy())
+    if share.kind == "triplets":
+        anchor = share.embeddings["anchor"]
+        positive = _gather_rows(collective, torch.from_numpy(cosine_scores(anchor, share.embeddings["positive"])))
+        negative = _gather_rows(collective, torch.from_numpy(cosine_scores(anchor, share.embeddings["negative"])))
+        return triplet_from_scores(positive.numpy(), negative.numpy())
+    # Labeled: each held-out item queries all the others. (Pair/triplet splits repeat items across tuples, which
+    # would make retrieval scores meaningless, so they get verification / triplet metrics instead.)
+    embeddings = _gather_rows(collective, share.embeddings["input"])
+    labels = _gather_rows(collective, share.labels["input"]) if "input" in share.labels else None
+    if labels is None:
+        return {}
+    scores = retrieval_scores(embeddings, labels, cfg.eval.recall_k, share=collective.rank,
+                              shares=collective.world_size)
+    return summarize_retrieval(_gather_rows(collective, scores))
+
+
+def _rows(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype)
+
+
+def _gather_rows(collective: Collective, rows: torch.Tensor) -> torch.Tensor:
+    """Every worker's rows, in rank order; a worker with no rows (more workers than samples) still takes part,
+    with the width the others agree on."""
+    if collective.world_size == 1:
+        return rows
+    width = int(collective.max(torch.tensor(rows.shape[1] if rows.dim() > 1 else 0, dtype=torch.int64)))
+    if width and len(rows) == 0:
+        rows = rows.new_zeros((0, width))
+    return collective.gather_rows(rows)

@@ -228,9 +228,13 @@ class TrainLoop:
                                   f"checkpoint saved; `twinscale resume {self.run_dir}` continues the run")
 
     def _evaluate(self, step: int) -> None:
-        if self.rank != 0 or self.cfg.data.test is None:
+        # Every rank embeds its share of the held-out split and scores its share of the queries (collectives
+        # inside); all get the same metrics, and rank 0 logs them.
+        if self.cfg.data.test is None:
             return
-        self.last_eval = evaluate(self.engine.module, self.cfg, self.device)
+        self.last_eval = evaluate(self.engine.module, self.cfg, self.device, collective=self.objective.collective)
+        if self.rank != 0:
+            return
         if self.tracker is not None:
             self.tracker.log_eval(self.last_eval, step)
         if self.reporter is not None:
