@@ -28,6 +28,12 @@ QUERY_BLOCK = (32, 4096)
 """Fewest and most queries per block: faiss answers under 20 queries without BLAS, over 4096 in sub-blocks."""
 
 
+def set_search_threads(threads: int) -> None:
+    """Threads of faiss's k-NN search in this process (OpenMP, apart from torch's): a worker's CPU share, so
+    that workers on one node do not each take every core."""
+    faiss.omp_set_num_threads(threads)
+
+
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, recall_k: int = 10) -> dict[str, float]:
     """Each item queries all other items; returns precision_at_1, map_at_r, r_precision, recall_at_k and
     num_queries (items whose label has at least one other item; only they are scored)."""

@@ -24,6 +24,7 @@ from trainer.engine.build import build_run_model, plan_run
 from trainer.engine.engine import build_engine, init_distributed, master_state_dict, resolve_device
 from trainer.engine.loop import STOP, TrainLoop
 from trainer.errors import UserError
+from trainer.evaluation import set_search_threads
 from trainer.models.export import export_model
 from trainer.objectives.gather import default_collective
 from trainer.objectives.memory import MemoryBank
@@ -42,6 +43,7 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     preflight.check_worker_paths(cfg, rank)  # data and run dir on this node, before any heavy work
     torch.set_num_threads(cfg.dist.cpus_per_worker)
+    set_search_threads(cfg.dist.cpus_per_worker)
     device = resolve_device(cfg)
     plan = plan_run(cfg, world)
     engine = build_engine(build_run_model(cfg, plan), cfg, world, plan.total_steps, device)
