@@ -68,7 +68,9 @@ def connect(address: str | None) -> Any:
 
 def describe_connection_error(error: Exception, had_token: bool) -> str:
     text = str(error)
-    if "401" in text or "403" in text or "Authentication" in text:
+    # Ray answers a missing token either with HTTP 401/403 or, client-side, with an AuthenticationError whose
+    # message says "Token authentication is enabled ...".
+    if "401" in text or "403" in text or "authentication" in f"{type(error).__name__} {text}".lower():
         fix = ("the token was refused; use the head's token (`ray get-auth-token` on the head)" if had_token else
                "the cluster requires a token; set RAY_AUTH_TOKEN or copy the head's ~/.ray/auth_token")
         return f"authentication failed: {fix}"
