@@ -1,6 +1,6 @@
 """Non-finite steps on the paths the plain one does not cover: with the cross-batch memory (a skipped step must
-leave nothing in the bank) and with the feature cache (the guard must see the loss, at ZeRO 0 and at ZeRO 2,
-where no gradient is visible before DeepSpeed's own step).
+leave nothing in the bank), with the feature cache (the guard must see the loss, at ZeRO 0 and at ZeRO 2,
+where no gradient is visible before DeepSpeed's own step) and with ZeRO 1-2 without it.
 
 One process without Ray (`python -m trainer.train`), on the poisoned digits of test_fault_numerics: two training
 digits hold NaN pixels, so at most two steps per epoch have a NaN loss; every other step must train normally.
@@ -54,9 +54,13 @@ def test_skipped_step_leaves_nothing_in_the_memory_bank(poisoned: Path) -> None:
     assert np.isfinite(memory["embeddings"]).all() and len(memory["embeddings"]) == 128
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
-def test_feature_cache_skips_a_nan_step(poisoned: Path, zero_stage: int) -> None:  # noqa: F811
-    run_dir, final = one_process(poisoned, f"cache-zero{zero_stage}", "--set", "optim.feature_cache=true",
-                                 "--set", "optim.gradient_accumulation_steps=2", "--set",
+@pytest.mark.parametrize("feature_cache,zero_stage", [(True, 0), (True, 2), (False, 1), (False, 2)])
+def test_nan_step_is_skipped_with_zero_and_the_feature_cache(poisoned: Path, feature_cache: bool,  # noqa: F811
+                                                            zero_stage: int) -> None:
+    """With ZeRO 1-2 the gradients live in DeepSpeed's partitions; with the feature cache the step is replayed:
+    a NaN batch is skipped on every path, and nothing of it lingers to poison the steps after it."""
+    cache = ["--set", "optim.feature_cache=true", "--set", "optim.gradient_accumulation_steps=2"] \
+        if feature_cache else []
+    run_dir, final = one_process(poisoned, f"cache{int(feature_cache)}-zero{zero_stage}", *cache, "--set",
                                  f"dist.zero_stage={zero_stage}")
     assert_trained_despite_nan(run_dir, final)
