@@ -21,9 +21,17 @@ if not torch.cuda.is_available():
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    """The device this worker trains on: its local GPU when there is one and the config allows it."""
+    """The device this worker trains on: its local GPU when there is one and the config allows it.
+
+    Ray Train picks each worker's GPU itself (`torch.cuda.set_device` before the worker starts; with per-worker
+    CUDA_VISIBLE_DEVICES a worker's GPU is cuda:0 whatever its local rank), so once a launcher has set up the
+    process group and CUDA, its current device is the answer; under torchrun it is the local rank's GPU."""
     if cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        import torch.distributed as dist
+
+        if dist.is_initialized() and torch.cuda.is_initialized():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
