@@ -122,6 +122,7 @@ def _worker(rank: int, world: int, port: int, backend: str, failures) -> None:
         want = world * torch.arange(2 * rank + 1.0, 2 * rank + 3).view(-1, 1).expand(2, 3)
         torch.testing.assert_close(embeddings.grad, want)
         collective.barrier()
+        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT otherwise)
     except AssertionError as error:
         failures.put(f"rank {rank} ({backend}): {error}")
     finally:
