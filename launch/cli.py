@@ -135,7 +135,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not saved.is_file():
         raise CheckpointError(f"{args.run_dir}: not a run directory (no config.yaml)")
     run_dir = args.run_dir.resolve()
-    cfg = config.load(saved, [f"name={run_dir.name}", f"output_dir={run_dir.parent}"])
+    cfg = config.load(saved, [config.string_override("name", run_dir.name),
+                              config.string_override("output_dir", str(run_dir.parent))])
     return _train(cfg, resume=True, address=args.address, verbose=args.verbose)
 
 

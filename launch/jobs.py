@@ -117,7 +117,7 @@ def submit(config_path: Path | None, overrides: list[str], address: str, *, work
     cfg = config.load(recipe, overrides)  # bad keys or values stop here, before anything is sent
     if cfg.name is None:
         stem = config_path.stem if config_path else "digits"
-        overrides = [*overrides, f"name={stem}-{time.strftime('%Y%m%d-%H%M%S')}"]
+        overrides = [*overrides, config.string_override("name", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")]
         cfg = config.load(recipe, overrides)
     try:
         relative = recipe.resolve().relative_to(working_dir)

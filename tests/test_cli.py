@@ -102,3 +102,13 @@ def test_cuda_on_a_cluster_without_gpus_exits_2_naming_the_key(tmp_path: Path, s
     err = capsys.readouterr().err
     assert "error: dist.device: cuda needs one GPU per worker (1 workers), but the cluster has 0 GPU(s)" in err, err
     assert not (tmp_path / "runs" / "bad" / "checkpoints").exists()
+
+
+def test_resume_keeps_a_run_name_that_yaml_reads_as_a_number(tmp_path: Path, capsys) -> None:
+    """A Ray Tune trial's run directory is named like `38404_00001`, which YAML reads as the int 3840400001: resume
+    must still take it as the run's name (it then fails only for want of a checkpoint here)."""
+    run_dir = tmp_path / "runs" / "38404_00001"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("log: {wandb: false}\n")
+    assert cli.main(["resume", str(run_dir)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err

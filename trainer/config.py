@@ -8,6 +8,7 @@ impossible combination raises `ConfigError` naming the key and the file, before 
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -361,6 +362,12 @@ def _path_component_problem(name: str) -> str | None:
     if any(ord(char) < 32 or ord(char) == 127 for char in name):
         return "holds control characters"
     return None
+
+
+def string_override(key: str, value: str) -> str:
+    """A `--set` override that keeps `value` a string: overrides are parsed as YAML, which would read a run named
+    `38404_00001` (a Ray Tune trial id) as the integer 3840400001. A JSON string is a YAML string."""
+    return f"{key}={json.dumps(value)}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
