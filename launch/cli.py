@@ -146,7 +146,7 @@ def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int
     from trainer.engine.build import plan_run
     from trainer.progress import format_table
 
-    cfg = absolute_paths(cfg, address)
+    cfg = absolute_paths(cfg)
     if resume and latest_checkpoint(cfg.run_dir) is None:
         raise CheckpointError(f"{cfg.run_dir}: no complete checkpoint to resume from")
     if not resume and (cfg.run_dir / "checkpoints").exists():
@@ -167,13 +167,12 @@ def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int
     return 0
 
 
-def absolute_paths(cfg: Any, address: str | None = None) -> Any:
+def absolute_paths(cfg: Any) -> Any:
     """Relative data paths and `output_dir` resolved against the working directory here: Ray Train starts each
     worker in a directory of its own, so a relative path would mean nothing there.
 
     Absolute paths are kept as written (not resolved through symlinks): on a cluster they name each worker's own
-    node, where every worker checks at start that it can read them (trainer.preflight). `address` is unused here
-    and kept so that callers pass the same arguments as to `ensure_shards`.
+    node, where every worker checks at start that it can read them (trainer.preflight).
     """
     def absolute(path: str) -> str:
         return path if Path(path).is_absolute() else str(Path(path).resolve())

@@ -97,20 +97,26 @@ def test_feature_cache_allows_micro_batches() -> None:
         config.load(None, ["optim.feature_cache=true", "optim.gradient_accumulation_steps=65"])
 
 
+@pytest.fixture
+def recipe_file(tmp_path: Path) -> Path:
+    """A minimal recipe file, so that errors can be checked to name it."""
+    path = tmp_path / "recipe.yaml"
+    path.write_text("seed: 1\n")
+    return path
+
+
 @pytest.mark.parametrize("name,problem", [
     ("../../x", "holds a path separator"), ("a/b", "holds a path separator"), ("a\\b", "holds a path separator"),
     ("..", "starts with a dot"), (".hidden", "starts with a dot"), ("", "is empty"), ("' '", "is empty"),
     ('"a\\tb"', "holds control characters"),
 ])
-def test_name_is_one_plain_path_component(name: str, problem: str, tmp_path: Path) -> None:
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("seed: 1\n")
+def test_name_is_one_plain_path_component(name: str, problem: str, recipe_file: Path) -> None:
     with pytest.raises(ConfigError) as error:
-        config.load(recipe, [f"name={name}"])
-    assert f"{recipe}: name: " in str(error.value) and problem in str(error.value)
+        config.load(recipe_file, [f"name={name}"])
+    assert f"{recipe_file}: name: " in str(error.value) and problem in str(error.value)
     with pytest.raises(ConfigError, match="output_dir: '' is empty"):
-        config.load(recipe, ["output_dir="])
-    assert config.load(recipe, ["name=digits-run.1_a"]).run_dir == Path("runs/digits-run.1_a")
+        config.load(recipe_file, ["output_dir="])
+    assert config.load(recipe_file, ["name=digits-run.1_a"]).run_dir == Path("runs/digits-run.1_a")
 
 
 @pytest.mark.parametrize("entry,expected", [
@@ -129,12 +135,10 @@ def test_name_is_one_plain_path_component(name: str, problem: str, tmp_path: Pat
     ("{activation_checkpointing: {}}", "dist.deepspeed.activation_checkpointing: not a tuning entry"),
     ("{zero_optimization: 2}", "dist.deepspeed.zero_optimization: expected a mapping"),
 ])
-def test_deepspeed_extras_cannot_contradict_the_run_config(entry: str, expected: str, tmp_path: Path) -> None:
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("seed: 1\n")
+def test_deepspeed_extras_cannot_contradict_the_run_config(entry: str, expected: str, recipe_file: Path) -> None:
     with pytest.raises(ConfigError) as error:
-        config.load(recipe, [f"dist.deepspeed={entry}"])
-    assert expected in str(error.value) and str(recipe) in str(error.value)
+        config.load(recipe_file, [f"dist.deepspeed={entry}"])
+    assert expected in str(error.value) and str(recipe_file) in str(error.value)
 
 
 def test_harmless_deepspeed_extras_reach_the_engine_config() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from trainer.errors import DataError
 
@@ -69,8 +70,6 @@ FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
 IMAGE_EXTS = ("png", "jpg")
-MAX_IMAGE_PIXELS = 89_478_485
-"""Pixels (H × W) an image view may declare: Pillow's default decompression-bomb limit."""
 VIEW_EXTS = ("npy", *IMAGE_EXTS, "txt")
 
 
@@ -209,8 +208,9 @@ def _parse_view(view: str, raw: dict[str, object]) -> ViewSpec:
         raise ValueError(f"view {view}: shape must be a list of positive ints, got {shape!r}")
     if ext in IMAGE_EXTS and (len(shape) != 3 or shape[0] not in (1, 3)):
         raise ValueError(f"view {view}: an image shape is [C, H, W] with C 1 or 3, got {shape}")
-    if ext in IMAGE_EXTS and shape[1] * shape[2] > MAX_IMAGE_PIXELS:
-        raise ValueError(f"view {view}: image shape {shape} has more than {MAX_IMAGE_PIXELS} pixels (Pillow's "
+    # Pillow's decompression-bomb limit, the one the stream's decoder checks each image header against.
+    if ext in IMAGE_EXTS and Image.MAX_IMAGE_PIXELS is not None and shape[1] * shape[2] > Image.MAX_IMAGE_PIXELS:
+        raise ValueError(f"view {view}: image shape {shape} has more than {Image.MAX_IMAGE_PIXELS} pixels (Pillow's "
                          f"decompression-bomb limit)")
     return ViewSpec(str(ext), tuple(shape))
 
