@@ -6,14 +6,11 @@ The GPU test runs only where CUDA is present; on CPU it is reported as skipped."
 from __future__ import annotations
 
 import ast
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_ranks
 
 from trainer.objectives.gather import Collective, ProcessGroupCollective, group_device
 
@@ -91,60 +88,34 @@ def test_one_process_collective_is_the_identity() -> None:
     one.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, backend: str, failures) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    dist.init_process_group(backend, rank=rank, world_size=world)
-    try:
-        collective = ProcessGroupCollective()
-        cpu = torch.device("cpu")
-        rows = torch.full((rank + 1, 2), float(rank))  # rank r holds r + 1 rows: an uneven evaluation share
-        gathered = collective.gather_rows(rows)
-        assert gathered.device == cpu and gathered[:, 0].tolist() == [r for r in range(world) for _ in range(r + 1)]
-        flags = collective.max(torch.tensor([rank, -rank], dtype=torch.int64))
-        assert flags.device == cpu and flags.tolist() == [world - 1, 0]
-        counts = collective.sum(torch.tensor([1], dtype=torch.int32))
-        assert counts.dtype == torch.int32 and counts.item() == world
-        labels = collective.gather(torch.tensor([rank]))
-        assert labels.tolist() == list(range(world))
-        embeddings = torch.full((2, 3), float(rank + 1), requires_grad=True)
-        everyone = collective.gather_with_grad(embeddings)
-        (everyone * torch.arange(1.0, 2 * world + 1).view(-1, 1)).sum().backward()
-        assert everyone.device == cpu and embeddings.grad is not None
-        # Each rank's rows got the gradient every rank's loss put on them (the sum over ranks, here world ×).
-        want = world * torch.arange(2 * rank + 1.0, 2 * rank + 3).view(-1, 1).expand(2, 3)
-        torch.testing.assert_close(embeddings.grad, want)
-        collective.barrier()
-        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT otherwise)
-    except AssertionError as error:
-        failures.put(f"rank {rank} ({backend}): {error}")
-    finally:
-        dist.destroy_process_group()
-
-
-def _run(world: int, backend: str) -> None:
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), backend, failures), nprocs=world, start_method="spawn",
-                       join=True)
-    reported = []
-    while not failures.empty():
-        reported.append(failures.get())
-    assert not reported, "\n".join(reported)
+def _every_collective(rank: int, world: int) -> None:
+    collective = ProcessGroupCollective()
+    cpu = torch.device("cpu")
+    rows = torch.full((rank + 1, 2), float(rank))  # rank r holds r + 1 rows: an uneven evaluation share
+    gathered = collective.gather_rows(rows)
+    assert gathered.device == cpu and gathered[:, 0].tolist() == [r for r in range(world) for _ in range(r + 1)]
+    flags = collective.max(torch.tensor([rank, -rank], dtype=torch.int64))
+    assert flags.device == cpu and flags.tolist() == [world - 1, 0]
+    counts = collective.sum(torch.tensor([1], dtype=torch.int32))
+    assert counts.dtype == torch.int32 and counts.item() == world
+    labels = collective.gather(torch.tensor([rank]))
+    assert labels.tolist() == list(range(world))
+    embeddings = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    everyone = collective.gather_with_grad(embeddings)
+    (everyone * torch.arange(1.0, 2 * world + 1).view(-1, 1)).sum().backward()
+    assert everyone.device == cpu and embeddings.grad is not None
+    # Each rank's rows got the gradient every rank's loss put on them (the sum over ranks, here world ×).
+    want = world * torch.arange(2 * rank + 1.0, 2 * rank + 3).view(-1, 1).expand(2, 3)
+    torch.testing.assert_close(embeddings.grad, want)
+    collective.barrier()
 
 
 def test_collectives_over_gloo_with_uneven_shares() -> None:
-    _run(3, "gloo")
+    run_ranks(_every_collective, 3)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NCCL)")
 def test_cpu_tensors_through_an_nccl_group() -> None:
     """On an NCCL group the callers' CPU flags, counters and rows go through and come back on the CPU."""
-    _run(max(1, min(2, torch.cuda.device_count())), "nccl")
+    run_ranks(_every_collective, max(1, min(2, torch.cuda.device_count())), backend="nccl")

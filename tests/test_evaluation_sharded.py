@@ -4,16 +4,13 @@ one process, for labeled, pair and triplet shards, with fewer shards than ranks 
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import webdataset as wds
+from spawned import run_ranks
 
 from trainer import config
 from trainer.config import Config, DataConfig
@@ -102,25 +99,11 @@ def test_a_share_reads_only_the_shards_it_overlaps(tmp_path: Path) -> None:
     assert eval_share(index, 1, 2) == {"shard-000001.tar": (5, 10), "shard-000002.tar": (0, 10)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, splits: dict[str, Path], expected: dict, failures) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, splits: dict[str, Path], expected: dict) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        got = metrics_of(splits, ProcessGroupCollective())
-        for name in splits:
-            assert got[name] == expected[name], f"{name}: {got[name]} != one process {expected[name]}"
-    except AssertionError as error:
-        failures.put(f"rank {rank} of {world}: {error}")
-    finally:
-        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
-        dist.destroy_process_group()
+    got = metrics_of(splits, ProcessGroupCollective())
+    for name in splits:
+        assert got[name] == expected[name], f"{name}: {got[name]} != one process {expected[name]}"
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -130,10 +113,4 @@ def test_workers_evaluate_exactly_as_one_process(tmp_path: Path, world: int) -> 
     assert expected["labeled"]["num_queries"] == 140 and 0.0 < expected["labeled"]["map_at_r"] < 1.0
     assert {"roc_auc", "eer"} <= set(expected["pairs"]) and "triplet_accuracy" in expected["triplets"]
     assert expected["two_items"]["num_queries"] in (0.0, 2.0)
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), splits, expected, failures), nprocs=world,
-                       start_method="spawn", join=True)
-    reported = []
-    while not failures.empty():
-        reported.append(failures.get())
-    assert not reported, "\n".join(reported)
+    run_ranks(_worker, world, splits, expected)

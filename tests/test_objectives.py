@@ -7,15 +7,15 @@ gradients of one process running plain PML (default reducer) on the concatenated
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-import os
-import socket
+from collections.abc import Iterator
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from pml_reference import in_batch_value, pml_value
+from spawned import run_ranks
 
 from trainer.config import LossConfig, MiningConfig
 from trainer.objectives.gather import Collective, ProcessGroupCollective
@@ -101,19 +101,20 @@ def test_single_process_matches_pml(loss_name: str, miner_name: str, chunk_rows:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextlib.contextmanager
+def _case(name: str) -> Iterator[None]:
+    """Name the case in a failure's message (the loops run many cases in one set of processes)."""
+    try:
+        yield
+    except AssertionError as error:
+        raise AssertionError(f"{name}: {error}") from error
 
 
-def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, str | None]], failures) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, cases: list[tuple[str, str, str | None]]) -> None:
     torch.set_num_threads(1)
     collective = ProcessGroupCollective()
-    try:
-        for loss_name, miner_name, kind in cases:
+    for loss_name, miner_name, kind in cases:
+        with _case(f"{loss_name}/{miner_name}/explicit={kind}"):
             model, inputs, labels = make_problem(seed=len(loss_name) + len(miner_name))
             local = GLOBAL_BATCH // world
             # With explicit tuples each rank's local batch is laid out as its own pairs or triplets.
@@ -134,11 +135,6 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str, str | 
             torch.testing.assert_close(out.loss, expected_loss, rtol=1e-5, atol=1e-6)
             for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=False):
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
-    except AssertionError as error:
-        failures.put(f"rank {rank} {loss_name}/{miner_name}/explicit={kind}: {error}")
-    finally:
-        dist.destroy_process_group()
 
 
 def _global_tuples(kind: str, world: int, local: int) -> tuple[torch.Tensor, ...]:
@@ -198,13 +194,7 @@ def consistent_labels(labels: torch.Tensor, tuples: tuple[torch.Tensor, ...]) ->
 
 
 def _run(world: int, cases: list, worker=_worker) -> None:
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(worker, args=(world, _free_port(), cases, failures), nprocs=world,
-                       start_method="spawn", join=True)
-    reported = []
-    while not failures.empty():
-        reported.append(failures.get())
-    assert not reported, "\n".join(reported)
+    run_ranks(worker, world, cases)
 
 
 IN_BATCH = list(itertools.product(SOFTMAX, ["none"], ["pairs", "triplets", "pairs+duplicates",
@@ -280,13 +270,11 @@ def test_duplicates_of_an_anchor_or_its_positive_are_not_its_negatives() -> None
     assert negatives == {0: [1, 5], 1: [0, 2, 5], 2: [1, 3, 4]}  # q1' (positive d3): q2 and both d1
 
 
-def _memory_worker(rank: int, world: int, port: int, cases: list[tuple[str, str]], failures) -> None:
+def _memory_worker(rank: int, world: int, cases: list[tuple[str, str, str | None]]) -> None:
     """Three steps with a cross-batch memory: every rank's loss and averaged gradients equal one process's."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    try:
-        for loss_name, miner_name, kind in cases:
+    for loss_name, miner_name, kind in cases:
+        with _case(f"{loss_name}/{miner_name}/explicit={kind}/memory"):
             memory_cfg = {"memory_size": 40, "memory_start_step": 1}
             single = MetricObjective(LOSSES[loss_name], MiningConfig(name=miner_name), Collective(),
                                      MemoryBank(40, start_step=1))
@@ -317,11 +305,6 @@ def _memory_worker(rank: int, world: int, port: int, cases: list[tuple[str, str]
                 spread.commit_memory()
                 torch.testing.assert_close(spread.memory.embeddings, single.memory.embeddings)
             assert single.memory.steps == 3 and len(single.memory.embeddings) == 40
-        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
-    except AssertionError as error:
-        failures.put(f"rank {rank} {loss_name}/{miner_name}/explicit={kind}/memory: {error}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_with_cross_batch_memory_match_one() -> None:

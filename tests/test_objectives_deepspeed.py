@@ -9,16 +9,13 @@ concatenated batch. The logged loss must equal PML's loss.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from spawned import run_ranks
 from test_objectives import (
     GLOBAL_BATCH,
     LOSSES,
-    _free_port,
+    _case,
     _global_tuples,
     chunked,
     consistent_labels,
@@ -39,22 +36,17 @@ CASES = [("supcon", "none", None), ("multi_similarity", "multi_similarity", None
          ("contrastive", "none", "pairs"), ("infonce", "semi_hard", "triplets")]
 
 
-def _worker(rank: int, world: int, port: int, zero_stage: int, cases: list, failures) -> None:
+def _worker(rank: int, world: int, zero_stage: int, cases: list) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from trainer.engine.engine import build_engine
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     local = GLOBAL_BATCH // world
     cfg = config.from_dict({"data": {"batch_size": local}, "dist": {"zero_stage": zero_stage},
                             "log": {"wandb": False}})
-    case = ""
-    try:
-        for loss_name, miner_name, kind in cases:
-            case = f"{loss_name}/{miner_name}/explicit={kind}/zero={zero_stage}"
+    for loss_name, miner_name, kind in cases:
+        with _case(f"{loss_name}/{miner_name}/explicit={kind}/zero={zero_stage}"):
             model, inputs, labels = make_problem(seed=len(loss_name) + len(miner_name))
             explicit_global = _global_tuples(kind, world, local) if kind else None
             if explicit_global is not None:
@@ -74,19 +66,8 @@ def _worker(rank: int, world: int, port: int, zero_stage: int, cases: list, fail
                 assert got is not None, "DeepSpeed holds no gradient for a parameter"
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
             engine.destroy()
-        dist.barrier()  # no rank tears its gloo pairs down while another still uses them (SIGABRT)
-    except AssertionError as error:
-        failures.put(f"rank {rank} {case}: {error}")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world,zero_stage,cases", [(2, 0, CASES), (2, 2, CASES[:3]), (3, 1, CASES[2:])])
 def test_deepspeed_averaged_gradients_equal_one_process(world: int, zero_stage: int, cases: list) -> None:
-    failures = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), zero_stage, cases, failures), nprocs=world,
-                       start_method="spawn", join=True)
-    reported = []
-    while not failures.empty():
-        reported.append(failures.get())
-    assert not reported, "\n".join(reported)
+    run_ranks(_worker, world, zero_stage, cases, env=True)
