@@ -51,6 +51,28 @@ class TextBatch:
         return TextBatch(torch.from_numpy(ids), torch.from_numpy(offsets))
 
 
+@dataclass
+class TokenBatch:
+    """A batch of tokenized texts, padded to its longest text (dynamic padding): a transformer's input."""
+
+    input_ids: torch.Tensor
+    """Token ids (int64, [B, L])."""
+    attention_mask: torch.Tensor
+    """1 for a real token, 0 for padding (int64, [B, L])."""
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device))
+
+    def rows(self, start: int, stop: int) -> TokenBatch:
+        """Texts [start, stop) as a batch of their own (trimmed to their own longest text)."""
+        mask = self.attention_mask[start:stop]
+        length = max(1, int(mask.sum(dim=1).max())) if len(mask) else 1
+        return TokenBatch(self.input_ids[start:stop, :length], mask[:, :length])
+
+
 def hash_ngrams(text: str, buckets: int, ngrams: tuple[int, int]) -> np.ndarray:
     """Character n-grams of `text` (padded with spaces) hashed into `buckets` ids, stable across processes.
 
