@@ -51,6 +51,7 @@ def stage_timings(cfg: Any) -> dict[str, float]:
     import webdataset as wds
 
     from trainer.data.formats import read_index
+    from trainer.data.preprocess import default_preprocessors
     from trainer.data.stream import SampleDecoder, _DeclaredMembers, _WorkerState, plan_epoch, train_batches
 
     index = read_index(cfg.data.train)
@@ -61,7 +62,7 @@ def stage_timings(cfg: Any) -> dict[str, float]:
     started = time.perf_counter()
     raw = list(read)
     read_s = time.perf_counter() - started
-    decoder = SampleDecoder(index, cfg.data, _WorkerState(cfg.data.on_corrupt))
+    decoder = SampleDecoder(index, default_preprocessors(index, cfg.data), _WorkerState(cfg.data.on_corrupt))
     started = time.perf_counter()
     for sample in raw:
         decoder(sample)

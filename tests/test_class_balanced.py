@@ -84,7 +84,7 @@ def test_real_digits_batches_are_p_classes_of_k_samples(digits: Path) -> None:
         batches = list(train_batches(digits / "labeled", cfg, seed=0, epoch=0, rank=rank, world_size=2))
         assert len(batches) == plan.batches_per_rank > 0
         for batch in batches:
-            assert set(batch) == {"views", "labels", "keys", "corrupt", "worker"}  # the plain batch schema
+            assert set(batch) == {"views", "labels", "content", "keys", "corrupt", "worker"}  # the plain batch schema
             assert batch["views"]["input"].shape == (20, 64)
             assert_p_by_k(batch, 5, 4)
 

@@ -216,7 +216,7 @@ def test_image_pairs_and_text_triplets_batch_schema(tmp_path: Path) -> None:
     write_shards(str(tmp_path / "imgs"), "pairs", tmp_path / "pairs", samples_per_shard=2, seed=1)
     batch = next(train_batches(tmp_path / "pairs", DataConfig(batch_size=2, loader_workers=0), seed=0, epoch=0,
                                rank=0, world_size=1))
-    assert set(batch) == {"views", "labels", "similar", "keys", "corrupt", "worker"}
+    assert set(batch) == {"views", "labels", "content", "similar", "keys", "corrupt", "worker"}
     assert batch["views"]["a"].shape == (2, 3, 5, 7) and batch["views"]["a"].dtype == torch.float32
     assert 0.0 <= float(batch["views"]["b"].min()) and float(batch["views"]["b"].max()) <= 1.0
     assert batch["similar"].dtype == torch.float32 and batch["labels"]["b"].dtype == torch.int64

@@ -62,7 +62,7 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
         resume_rng(checkpoint.rng_path(checkpoint.checkpoint_path(run_dir, state.step), rank),
                    reporter if rank == 0 else None)
     loop = TrainLoop(cfg, engine, objective, plan.kind, plan.total_steps, run_dir, rank, world, device, tracker,
-                     reporter if rank == 0 else None)
+                     reporter if rank == 0 else None, preprocessors=plan.preprocessors)
     if resume and loop.reporter is not None:
         loop.reporter.message(f"resumed from {checkpoint.checkpoint_path(run_dir, state.step)} (step {state.step}, "
                               f"epoch {state.epoch}, {state.batches_into_epoch} batches into it)")

@@ -13,6 +13,7 @@ streams a contiguous share of that order (`eval_share`).
 A batch is a plain dict:
     views:   {view: float32 tensor [B, *shape] (npy), float32 [B, C, H, W] in [0, 1] (png/jpg), or TextBatch (txt)}
     labels:  {view: int64 tensor [B]}, only when the shards carry class ids
+    content: {view: int64 tensor [B]}, a hash of each item's member bytes (equal bytes, equal id)
     similar: float32 tensor [B], pairs only (1.0 for similar)
     keys:    list[str] of sample keys
     corrupt: int, corrupt samples and unreadable tar sections skipped so far by the worker that made the batch
@@ -27,7 +28,6 @@ import dataclasses
 import functools
 import hashlib
 import heapq
-import io
 import logging
 import multiprocessing.util
 import os
@@ -42,11 +42,21 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 from trainer.config import DataConfig
 from trainer.data.balance import ClassBalancedBatches, check_balanced_shards
-from trainer.data.formats import ShardIndex, ShardInfo, TextBatch, ViewSpec, cls_member, hash_ngrams, read_index
+from trainer.data.formats import ShardIndex, ShardInfo, ViewSpec, cls_member, read_index
+from trainer.data.preprocess import (  # noqa: F401 - decoders re-exported for callers of this module
+    IMAGE_FORMATS,
+    ImageSizeError,
+    Preprocessor,
+    SampleContext,
+    content_id,
+    decode_image,
+    decode_npy,
+    decode_pixels,
+    default_preprocessors,
+)
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -133,15 +143,18 @@ def _too_few_shards(index: ShardIndex, plan: EpochPlan, rank: int) -> str:
 
 
 def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
-                  skip_batches: int = 0, start: bool = False) -> Iterator[Batch]:
+                  skip_batches: int = 0, start: bool = False,
+                  preprocessors: dict[str, Preprocessor] | None = None) -> Iterator[Batch]:
     """Exactly `plan.batches_per_rank` training batches of this rank (the first `skip_batches` discarded).
 
     P×K batches keep this count, so the run's step count (planned from `plan_epoch` alone) does not change; a
     pass yields fewer of them (classes short of K at the end are unused), and `_take` tops the rank up.
     With `start`, the DataLoader of the first pass is started now rather than at the first `next`: its workers
     fill their shuffle buffers and first batches while the caller is still busy (the batches are the same).
+    `preprocessors` (per view) come from the model; None means the toy encoders' (`default_preprocessors`).
     """
     index = read_index(shard_dir)
+    preprocessors = preprocessors or default_preprocessors(index, cfg)
     plan = epoch_plan(shard_dir, cfg, seed=seed, epoch=epoch, world_size=world_size, index=index)
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
@@ -149,7 +162,8 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
 
     def open_pass(number: int) -> torch.utils.data.DataLoader:
         stream = _StreamSeed(seed, epoch, rank, number)
-        pipeline = _pipeline(Path(shard_dir), index, cfg, plan.slots[rank], cfg.batch_size, stream=stream)
+        pipeline = _pipeline(Path(shard_dir), index, cfg, preprocessors, plan.slots[rank], cfg.batch_size,
+                             stream=stream)
         # The loader draws its workers' base seed from `generator`, not from torch's global RNG: opening an epoch
         # must not move the stream that dropout draws from, or a resumed run would drift from an uninterrupted one.
         return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers,
@@ -200,7 +214,7 @@ multiprocessing.util.Finalize(None, _stop_live_loaders, exitpriority=100)  # bef
 
 
 def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int, rank: int = 0,
-                 world_size: int = 1) -> Iterator[Batch]:
+                 world_size: int = 1, preprocessors: dict[str, Preprocessor] | None = None) -> Iterator[Batch]:
     """Rank `rank`'s share of the shard set, in index order, unshuffled, the last partial batch kept.
 
     The shares are contiguous runs of samples in index order (`eval_share`), so every sample is in exactly one
@@ -208,14 +222,15 @@ def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int, ran
     concatenated in rank order are one process's batches. With one rank: every sample once, in index order.
     """
     index = read_index(shard_dir)
+    preprocessors = preprocessors or default_preprocessors(index, cfg)
     share = eval_share(index, rank, world_size)
     state = _WorkerState(cfg.on_corrupt, rank=rank)
     pipeline = wds.DataPipeline(
         _SlotShards(Path(shard_dir), (tuple(share),), state),
         wds.tarfile_to_samples(handler=state.tar_error, select_files=_DeclaredMembers(index.members())),
         _SamplesInShare(Path(shard_dir), share),  # before decoding: a sample outside the share costs no decode
-        wds.map(SampleDecoder(index, cfg, state)),
-        wds.batched(batch_size, collation_fn=BatchCollator(index, state), partial=True),
+        wds.map(SampleDecoder(index, preprocessors, state)),
+        wds.batched(batch_size, collation_fn=BatchCollator(index, preprocessors, state), partial=True),
     )
     return _worker_batches(pipeline)
 
@@ -257,10 +272,11 @@ class _SamplesInShare:
             position += 1
 
 
-def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, slots: tuple[tuple[str, ...], ...],
+def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, preprocessors: dict[str, Preprocessor],
+              slots: tuple[tuple[str, ...], ...],
               batch_size: int, *, stream: _StreamSeed | None) -> wds.DataPipeline:
     state = _WorkerState(cfg.on_corrupt, rank=stream.rank if stream is not None else 0)
-    collate = BatchCollator(index, state)
+    collate = BatchCollator(index, preprocessors, state)
     if stream is not None and cfg.classes_per_batch is not None:
         batch: Any = ClassBalancedBatches(cfg, collate, functools.partial(stream.rng, "classes"), state.slot)
     else:
@@ -269,7 +285,8 @@ def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, slots: tuple[
         _SlotShards(directory, slots, state),
         wds.tarfile_to_samples(handler=state.tar_error, select_files=_DeclaredMembers(index.members())),
         functools.partial(stream.shuffle, cfg.shuffle_buffer) if stream and cfg.shuffle_buffer else None,
-        wds.map(SampleDecoder(index, cfg, state)),
+        wds.map(SampleDecoder(index, preprocessors, state, seed=stream.seed if stream else 0,
+                              epoch=stream.epoch if stream else 0, train=stream is not None)),
         batch,
     )
 
@@ -412,11 +429,13 @@ class CorruptSample(Exception):
 
 
 class SampleDecoder:
-    """Decodes the declared members of one raw sample; a corrupt sample is skipped and counted, or raises."""
+    """Decodes the declared members of one raw sample through each view's Preprocessor; a corrupt sample is
+    skipped and counted, or raises."""
 
-    def __init__(self, index: ShardIndex, cfg: DataConfig, state: _WorkerState) -> None:
-        self.index, self.state = index, state
-        self.buckets, self.ngrams = cfg.text_buckets, (cfg.text_ngrams[0], cfg.text_ngrams[1])
+    def __init__(self, index: ShardIndex, preprocessors: dict[str, Preprocessor], state: _WorkerState, *,
+                 seed: int = 0, epoch: int = 0, train: bool = False) -> None:
+        self.index, self.preprocessors, self.state = index, preprocessors, state
+        self.seed, self.epoch, self.train = seed, epoch, train
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
         try:
@@ -429,108 +448,33 @@ class SampleDecoder:
             return None  # wds.map drops None
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """{"__key__", "views": {view: array}, "labels": {view: int}, "similar": float (pairs)}."""
+        """{"__key__", "views": {view: row}, "labels": {view: int}, "similar": float (pairs)}."""
         kind = self.index.kind
-        views = {view: self.view(sample, view, spec) for view, spec in self.index.views.items()}
+        context = SampleContext(str(sample["__key__"]), self.seed, self.epoch, self.train)
+        views = {view: self.view(sample, view, spec, context) for view, spec in self.index.views.items()}
         labels = {view: _class_id(_member(sample, cls_member(kind, view))) for view in views} \
             if self.index.labels else {}
-        decoded = {"__key__": sample["__key__"], "views": views, "labels": labels}
+        # Content ids from the members' bytes, before any augmentation: two crops of one photo are one item.
+        content = {view: content_id(sample[f"{view}.{spec.ext}"]) for view, spec in self.index.views.items()}
+        decoded = {"__key__": sample["__key__"], "views": views, "labels": labels, "content": content}
         if kind == "pairs":
             decoded["similar"] = _similar(_member(sample, "similar"))
         return decoded
 
-    def view(self, sample: dict[str, Any], view: str, spec: ViewSpec) -> np.ndarray:
-        """One decoded view: a float32 array (npy), uint8 pixels (png/jpg: scaled to [0, 1] per batch, in
-        `_stack`, once instead of per sample), or hashed n-gram ids for text."""
+    def view(self, sample: dict[str, Any], view: str, spec: ViewSpec, context: SampleContext) -> Any:
+        """One view's row, as its Preprocessor prepares it from the member's bytes."""
         name = f"{view}.{spec.ext}"
         data = _member(sample, name)
         try:
-            if spec.ext == "txt":
-                return hash_ngrams(data.decode("utf-8"), self.buckets, self.ngrams)
-            array = decode_npy(data) if spec.ext == "npy" else \
-                decode_pixels(data, (spec.shape or (3,))[0], spec.ext, size=(spec.shape or (0, 0, 0))[1:])
+            return self.preprocessors[view].prepare(data, spec.ext, context)
         except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
             raise CorruptSample(f"{name}: cannot decode ({type(error).__name__}: {error})") from None
-        if array.shape != spec.shape:
-            raise CorruptSample(f"{name}: shape {list(array.shape)} differs from index.json {list(spec.shape or ())}")
-        return array
 
 
 def _member(sample: dict[str, Any], name: str) -> bytes:
     if name not in sample:
         raise CorruptSample(f"member {name} is missing")
     return sample[name]
-
-
-def decode_npy(data: bytes) -> np.ndarray:
-    layout = _npy_layout(data[:_npy_header_end(data)]) if data[:6] == b"\x93NUMPY" else None
-    if layout is None:
-        array = np.load(io.BytesIO(data), allow_pickle=False)  # object arrays and pickles raise here
-    else:  # the samples of a view share one header: numpy parses it once, the data is read in place
-        dtype, shape, fortran, offset = layout
-        count = int(np.prod(shape))
-        if len(data) < offset + count * dtype.itemsize:  # np.load ignores trailing bytes too
-            raise ValueError(f"{len(data) - offset} data bytes for shape {list(shape)} of {dtype}")
-        array = np.frombuffer(data, dtype, count, offset).reshape(shape, order="F" if fortran else "C")
-    real = np.issubdtype(array.dtype, np.number) and not np.issubdtype(array.dtype, np.complexfloating)
-    if not isinstance(array, np.ndarray) or not (real or array.dtype == bool):
-        raise ValueError(f"not a real numeric array ({getattr(array, 'dtype', type(array).__name__)})")
-    return array.astype(np.float32)
-
-
-def _npy_header_end(data: bytes) -> int:
-    if data[6:7] == b"\x01":
-        return 10 + int.from_bytes(data[8:10], "little")
-    return 12 + int.from_bytes(data[8:12], "little") if data[6:7] in (b"\x02", b"\x03") else 0
-
-
-@functools.lru_cache(maxsize=256)
-def _npy_layout(header: bytes) -> tuple[np.dtype, tuple[int, ...], bool, int] | None:
-    """dtype, shape, Fortran order and data offset of a .npy header, as numpy reads them (None: let np.load)."""
-    stream = io.BytesIO(header)
-    try:
-        version = np.lib.format.read_magic(stream)
-        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read:
-            return None
-        shape, fortran, dtype = read[version](stream)
-    except ValueError:
-        return None  # np.load reports what is wrong
-    if dtype.hasobject or stream.tell() != len(header):
-        return None  # object arrays: np.load(allow_pickle=False) raises
-    return dtype, shape, fortran, len(header)
-
-
-def decode_image(data: bytes, channels: int) -> np.ndarray:
-    """float32 [C, H, W] in [0, 1] from PNG or JPEG bytes."""
-    return decode_pixels(data, channels).astype(np.float32) / np.float32(255)
-
-
-# Pillow tries only these decoders, the declared one first: probing every registered format costs more than
-# decoding a small image.
-IMAGE_FORMATS = {"png": ("PNG", "JPEG"), "jpg": ("JPEG", "PNG")}
-
-
-class ImageSizeError(ValueError):
-    """An image whose header declares a size other than expected, or more pixels than Pillow's bomb limit."""
-
-
-def decode_pixels(data: bytes, channels: int, ext: str = "png", size: tuple[int, ...] | None = None) -> np.ndarray:
-    """uint8 [C, H, W] from PNG or JPEG bytes.
-
-    The size in the image's header is checked before any pixel is decoded: against `size` (H, W) when given
-    (the shape index.json declares), and against `Image.MAX_IMAGE_PIXELS` always. A few hundred bytes can declare
-    gigapixels (a decompression bomb); Pillow itself only warns below twice that limit, and would decode."""
-    mode = "L" if channels == 1 else "RGB"
-    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS.get(ext, IMAGE_FORMATS["png"])) as image:
-        width, height = image.size  # read from the header by open(); nothing is decoded yet
-        if size is not None and (height, width) != tuple(size):
-            raise ImageSizeError(f"header size {height}x{width} differs from index.json {size[0]}x{size[1]}")
-        if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
-            raise ImageSizeError(f"header size {height}x{width} exceeds the decompression-bomb limit of "
-                                 f"{Image.MAX_IMAGE_PIXELS} pixels")
-        pixels = np.asarray(image if image.mode == mode else image.convert(mode))
-    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
 def _class_id(data: bytes) -> int:
@@ -550,15 +494,18 @@ def _similar(data: bytes) -> float:
 class BatchCollator:
     """Stacks decoded samples into the batch schema of this module's docstring."""
 
-    def __init__(self, index: ShardIndex, state: _WorkerState) -> None:
-        self.index, self.state = index, state
+    def __init__(self, index: ShardIndex, preprocessors: dict[str, Preprocessor], state: _WorkerState) -> None:
+        self.index, self.preprocessors, self.state = index, preprocessors, state
 
     def __call__(self, samples: list[dict[str, Any]]) -> Batch:
-        views = {view: _stack(spec, [s["views"][view] for s in samples]) for view, spec in self.index.views.items()}
+        views = {view: self.preprocessors[view].collate([s["views"][view] for s in samples])
+                 for view in self.index.views}
         batch: Batch = {
             "views": views,
             "labels": {view: torch.tensor([s["labels"][view] for s in samples], dtype=torch.int64)
                        for view in views if self.index.labels},
+            "content": {view: torch.tensor([s["content"][view] for s in samples], dtype=torch.int64)
+                        for view in views},
             "keys": [s["__key__"] for s in samples],
             "corrupt": self.state.corrupt,
             "worker": self.state.worker,
@@ -566,11 +513,3 @@ class BatchCollator:
         if self.index.kind == "pairs":
             batch["similar"] = torch.tensor([s["similar"] for s in samples], dtype=torch.float32)
         return batch
-
-
-def _stack(spec: ViewSpec, rows: list[np.ndarray]) -> torch.Tensor | TextBatch:
-    if spec.ext == "txt":
-        return TextBatch.collate(rows)
-    if spec.ext in IMAGE_FORMATS:  # uint8 pixels → float32 in [0, 1], for the whole batch at once
-        return torch.from_numpy(np.stack(rows).astype(np.float32) / np.float32(255))
-    return torch.from_numpy(np.stack(rows))

@@ -7,13 +7,15 @@ calls it again to build its model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from trainer.config import Config
 from trainer.data.formats import KIND_VIEWS, ShardIndex, read_index
+from trainer.data.preprocess import Preprocessor
 from trainer.data.stream import plan_epoch
 from trainer.errors import ConfigError
-from trainer.models.towers import EmbeddingModel, InputSpec, build_model
+from trainer.models.towers import EmbeddingModel, InputSpec, build_model, build_preprocessors
 
 
 @dataclass
@@ -25,6 +27,8 @@ class RunPlan:
     spec_b: InputSpec | None
     total_steps: int
     steps_per_epoch: int
+    preprocessors: dict[str, Preprocessor]
+    """Per view: how the stream turns its members into model inputs (the model's choice; see preprocess.py)."""
 
 
 def input_spec(index: ShardIndex, view: str, text_buckets: int) -> InputSpec:
@@ -45,6 +49,9 @@ def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
     if index.kind == "labeled" and cfg.model.architecture == "pseudo_siamese":
         raise ConfigError("model.architecture: pseudo_siamese needs pair or triplet shards (two kinds of input); "
                           f"{cfg.data.train} holds labeled items — use model.architecture=siamese")
+    if cfg.loss.name == "clip" and index.kind != "pairs":
+        raise ConfigError(f"loss.name: clip needs pair shards (a, b); {cfg.data.train} holds {index.kind} shards — "
+                          "use pair shards or another loss.name")
     spec_a = input_spec(index, views[0], cfg.data.text_buckets)
     spec_b = input_spec(index, views[1], cfg.data.text_buckets) if len(views) > 1 else None
     if cfg.data.test is not None:
@@ -57,7 +64,7 @@ def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
     if cfg.optim.max_steps is not None:
         total = min(total, cfg.optim.max_steps)
     build_model(cfg.model, spec_a, spec_b)  # raises ConfigError for an encoder/modality mismatch
-    return RunPlan(index.kind, spec_a, spec_b, total, per_epoch[0])
+    return RunPlan(index.kind, spec_a, spec_b, total, per_epoch[0], build_preprocessors(cfg.model, cfg.data, index))
 
 
 def build_run_model(cfg: Config, plan: RunPlan) -> EmbeddingModel:
@@ -65,4 +72,7 @@ def build_run_model(cfg: Config, plan: RunPlan) -> EmbeddingModel:
     import torch
 
     torch.manual_seed(cfg.seed)
-    return build_model(cfg.model, plan.spec_a, plan.spec_b)
+    model = build_model(cfg.model, plan.spec_a, plan.spec_b)
+    if cfg.loss.name == "clip":
+        model.add_logit_scale(math.log(1.0 / cfg.loss.clip_temperature))
+    return model

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from trainer.data.formats import KIND_VIEWS, TextBatch
+from trainer.data.formats import KIND_VIEWS, TextBatch, TokenBatch
 from trainer.engine.step import embed_views, explicit_tuples, stacked_labels
 from trainer.objectives.objective import ObjectiveOutput
 
@@ -32,9 +32,10 @@ def micro_batch_bounds(size: int, parts: int) -> list[tuple[int, int]]:
 
 def sample_rows(batch: dict, start: int, stop: int) -> dict:
     """The samples [start, stop) of a streamed batch, every view sliced alike."""
-    views = {view: (value.rows(start, stop) if isinstance(value, TextBatch) else value[start:stop])
+    views = {view: (value.rows(start, stop) if isinstance(value, TextBatch | TokenBatch) else value[start:stop])
              for view, value in batch["views"].items()}
     rows = {**batch, "views": views, "keys": batch["keys"][start:stop],
+            "content": {view: value[start:stop] for view, value in batch.get("content", {}).items()},
             "labels": {view: value[start:stop] for view, value in batch.get("labels", {}).items()}}
     if "similar" in batch:
         rows["similar"] = batch["similar"][start:stop]
@@ -56,15 +57,21 @@ def cached_step(engine, batch: dict, kind: str, device: torch.device, dtype: tor
     embeddings = torch.cat([part.view(views, -1, part.shape[-1]) for part in cached], dim=1)
     embeddings = embeddings.reshape(views * size, -1).detach().requires_grad_()
     labels = stacked_labels(batch, kind, size).to(device)
-    out = objective(embeddings, labels, explicit_tuples(batch, kind, size, device))
+    # The model's own loss parameters (clip's logit_scale) get their gradient with the first replayed micro-batch.
+    logit_scale = getattr(engine.module, "logit_scale", None)
+    out = objective(embeddings, labels, explicit_tuples(batch, kind, size, device), logit_scale=logit_scale)
     # Each worker's share sums to the global loss; DeepSpeed averages gradients over workers, so scale back.
-    embedding_grads, = torch.autograd.grad(out.local_share * world_size, embeddings)
+    wanted = [embeddings] + ([logit_scale] if logit_scale is not None else [])
+    embedding_grads, *scale_grad = torch.autograd.grad(out.local_share * world_size, wanted, allow_unused=True)
     embedding_grads = embedding_grads.view(views, size, -1)
     for (start, stop), state in zip(bounds, states, strict=True):
         with _replaying(state, device):
             replayed = embed_views(engine, sample_rows(batch, start, stop), kind, device, dtype)
         target = embedding_grads[:, start:stop].reshape(replayed.shape).to(replayed.dtype)
-        engine.backward((replayed * target).sum(), scale_wrt_gas=False)
+        surrogate = (replayed * target).sum()
+        if scale_grad and scale_grad[0] is not None:
+            surrogate = surrogate + (logit_scale * scale_grad.pop()).sum()
+        engine.backward(surrogate, scale_wrt_gas=False)
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 
 from trainer.config import Config
 from trainer.data.formats import KIND_VIEWS, read_index
+from trainer.data.preprocess import Preprocessor
 from trainer.data.stream import eval_batches
 from trainer.engine.step import TOWER_SIDE, move_inputs
 from trainer.evaluation import (
@@ -41,7 +42,8 @@ class EmbeddedShare:
 
 @torch.no_grad()
 def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config, device: torch.device,
-                collective: Collective | None = None) -> EmbeddedShare:
+                collective: Collective | None = None,
+                preprocessors: dict[str, Preprocessor] | None = None) -> EmbeddedShare:
     """This worker's share of a split, embedded (the whole split with one worker)."""
     collective = collective or Collective()
     index = read_index(shard_dir)
@@ -55,7 +57,7 @@ def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config, device: tor
     model.eval()
     try:
         for batch in eval_batches(shard_dir, cfg.data, batch_size=cfg.eval.batch_size, rank=collective.rank,
-                                  world_size=collective.world_size):
+                                  world_size=collective.world_size, preprocessors=preprocessors):
             for view in KIND_VIEWS[kind]:
                 inputs = move_inputs(batch["views"][view], device, dtype)
                 embedded[view].append(model(inputs, TOWER_SIDE[view]).float().cpu())
@@ -71,14 +73,15 @@ def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config, device: tor
 
 
 def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, shard_dir: str | None = None,
-             collective: Collective | None = None) -> dict[str, float]:
+             collective: Collective | None = None,
+             preprocessors: dict[str, Preprocessor] | None = None) -> dict[str, float]:
     """Metrics of `model` on the held-out split (`data.test` unless `shard_dir` is given).
 
     With a `collective` of several workers, every worker must call this (it gathers); all return the same."""
     collective = collective or Collective()
     split = shard_dir or cfg.data.test
     assert split is not None
-    share = embed_split(model, split, cfg, device, collective)
+    share = embed_split(model, split, cfg, device, collective, preprocessors)
     if share.kind == "pairs":
         assert share.similar is not None
         scores = _gather_rows(collective, torch.from_numpy(cosine_scores(share.embeddings["a"], share.embeddings["b"])))

@@ -1,5 +1,5 @@
 """The training loop of one worker: stream → towers → global objective → DeepSpeed step, with eval and
-checkpoint cadences. Rank-0 roles gate only I/O (progress, metrics files, W&B); every rank takes part in
+checkpoint cadences (an evaluation of the starting model at step 0 unless `eval.at_start` is off). Rank-0 roles gate only I/O (progress, metrics files, W&B); every rank takes part in
 every collective, DeepSpeed's checkpoint save included.
 
 Each step ends with one small all-reduce of two flags, so that every rank takes the same decision at the same
@@ -24,6 +24,7 @@ import torch
 from trainer import checkpoint
 from trainer.checkpoint import RunState
 from trainer.config import Config
+from trainer.data.preprocess import Preprocessor
 from trainer.data.stream import epoch_plan, train_batches
 from trainer.engine.cache import cached_step
 from trainer.engine.evaluate import evaluate
@@ -117,12 +118,16 @@ class TrainLoop:
     last_saved_step: int = -1
     timeline: dict[str, float] = field(default_factory=dict)
     """Wall-clock marks of this process's start-up: loop start, first batch, first step, loop end."""
+    preprocessors: dict[str, Preprocessor] | None = None
+    """Per view, the model's preprocessing (None: the toy encoders'); training and evaluation use the same."""
 
     def run(self, state: RunState) -> RunState:
         self.timeline["loop_start"] = time.time()
         if self.reporter is not None:
             self.reporter.start(self.total_steps, state.step)
         state.world_size = self.world_size
+        if state.step == 0 and self.cfg.eval.at_start:
+            self._evaluate(0)  # the starting model's baseline; a resumed run has it in metrics.jsonl already
         upcoming: Iterator[dict] | None = None
         while state.step < self.total_steps and self.stopped_by is None:
             self._enter_epoch(state)
@@ -161,7 +166,8 @@ class TrainLoop:
 
     def _batches(self, epoch: int, skip: int, start: bool = False) -> Iterator[dict]:
         return train_batches(self.cfg.data.train, self.cfg.data, seed=self.cfg.seed, epoch=epoch, rank=self.rank,
-                             world_size=self.world_size, skip_batches=skip, start=start)
+                             world_size=self.world_size, skip_batches=skip, start=start,
+                             preprocessors=self.preprocessors)
 
     def _step(self, batch: dict, state: RunState) -> None:
         started = time.perf_counter()
@@ -172,7 +178,8 @@ class TrainLoop:
                               self.cfg.optim.gradient_accumulation_steps, self.world_size)
         else:
             embedded = embed_batch(self.engine, batch, self.kind, self.device, dtype)
-            out = self.objective(embedded.embeddings, embedded.labels, embedded.explicit)
+            out = self.objective(embedded.embeddings, embedded.labels, embedded.explicit,
+                                 logit_scale=getattr(self.engine.module, "logit_scale", None))
             # Each worker's share sums to the global loss; DeepSpeed averages gradients over workers: scale back.
             self.engine.backward(out.local_share * self.world_size)
         # Both paths end here: the guard sees the loss (with ZeRO 1-2 and the feature cache no gradient is
@@ -232,7 +239,8 @@ class TrainLoop:
         # inside); all get the same metrics, and rank 0 logs them.
         if self.cfg.data.test is None:
             return
-        self.last_eval = evaluate(self.engine.module, self.cfg, self.device, collective=self.objective.collective)
+        self.last_eval = evaluate(self.engine.module, self.cfg, self.device, collective=self.objective.collective,
+                                  preprocessors=self.preprocessors)
         if self.rank != 0:
             return
         if self.tracker is not None:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.data.formats import KIND_VIEWS, TextBatch
+from trainer.data.formats import KIND_VIEWS, TextBatch, TokenBatch
+from trainer.data.preprocess import ModelInput
 
 TOWER_SIDE = {"input": "a", "a": "a", "anchor": "a", "b": "b", "positive": "b", "negative": "b"}
 
@@ -29,9 +30,9 @@ class EmbeddedBatch:
     explicit: tuple[torch.Tensor, ...] | None
 
 
-def move_inputs(inputs: torch.Tensor | TextBatch, device: torch.device, dtype: torch.dtype) -> torch.Tensor | TextBatch:
+def move_inputs(inputs: ModelInput, device: torch.device, dtype: torch.dtype) -> ModelInput:
     """Inputs onto the device; floating-point inputs in the model's dtype (bf16 under DeepSpeed bf16)."""
-    if isinstance(inputs, TextBatch):
+    if isinstance(inputs, TextBatch | TokenBatch):
         return inputs.to(device)
     return inputs.to(device, dtype=dtype if inputs.is_floating_point() else inputs.dtype, non_blocking=True)
 
@@ -61,7 +62,8 @@ def stacked_labels(batch: dict, kind: str, size: int) -> torch.Tensor:
     """
     if kind == "labeled":
         return class_ids(batch, kind)
-    content = torch.cat([content_ids(batch["views"][view]) for view in KIND_VIEWS[kind]])
+    given = batch.get("content")  # hashed from the member bytes by the stream; else from the decoded inputs
+    content = torch.cat([given[view] if given else content_ids(batch["views"][view]) for view in KIND_VIEWS[kind]])
     return torch.stack([class_ids(batch, kind), content], dim=1)
 
 
@@ -92,10 +94,12 @@ def explicit_tuples(batch: dict, kind: str, size: int, device: torch.device) -> 
     return None
 
 
-def content_ids(inputs: torch.Tensor | TextBatch) -> torch.Tensor:
+def content_ids(inputs: ModelInput) -> torch.Tensor:
     """One id per item from its decoded data (text n-gram ids, array or pixel values): equal data, equal id."""
     if isinstance(inputs, TextBatch):
         rows = [inputs.rows(i, i + 1).ids for i in range(len(inputs))]
+    elif isinstance(inputs, TokenBatch):
+        rows = [inputs.rows(i, i + 1).input_ids for i in range(len(inputs))]
     else:
         rows = list(inputs.detach().cpu().reshape(len(inputs), -1))
     return torch.tensor([digest_id(row.contiguous().numpy().tobytes()) for row in rows], dtype=torch.long)

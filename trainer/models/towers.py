@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import ModelConfig
-from trainer.data.formats import TextBatch
+from trainer.config import DataConfig, ModelConfig
+from trainer.data.formats import KIND_VIEWS, ShardIndex, TextBatch
+from trainer.data.preprocess import Preprocessor, default_preprocessor
 from trainer.errors import ConfigError
 from trainer.models.encoders import CNNEncoder, Encoder, MLPEncoder, TextEncoder
 
@@ -125,6 +126,11 @@ def build_encoder(cfg: ModelConfig, kind: str, spec: InputSpec) -> Encoder:
     if kind == "text":
         return TextEncoder(spec.text_buckets, cfg.text_dim)
     raise ConfigError(f"model.encoder: unknown encoder {kind!r}; expected one of {sorted(ENCODER_MODALITY)}")
+
+
+def build_preprocessors(cfg: ModelConfig, data: DataConfig, index: ShardIndex) -> dict[str, Preprocessor]:
+    """Per view of `index`: the preprocessing the tower reading that view needs (see trainer/data/preprocess.py)."""
+    return {view: default_preprocessor(index.views[view], data) for view in KIND_VIEWS[index.kind]}
 
 
 def _check_modality(kind: str, spec: InputSpec, key: str, where: str) -> None:
