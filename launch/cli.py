@@ -1,4 +1,4 @@
-"""The `twinscale` command line: train, resume, shards, embed, mine, eval, sweep, submit, jobs.
+"""The `twinscale` command line: train, resume, shards, scan, embed, mine, eval, sweep, submit, jobs.
 
 Heavy libraries (torch, Ray, DeepSpeed) are imported inside the commands, so `twinscale --help` is instant.
 Bad input of any kind exits with code 2 and one message naming what is wrong, before anything is started.
@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--pairs-per-item", type=int, default=1, help="pairs/triplets sampled per labeled item")
     shards.add_argument("--as-images", action="store_true", help="digits: write 8x8 PNG images, not vectors")
     shards.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+
+    scan = commands.add_parser("scan", help="count the samples of a WebDataset shard set once (its index)")
+    scan.add_argument("spec", help="tar files: a brace pattern, glob or :: list of paths/URLs, or a directory")
+    scan.add_argument("--out", required=True, help="index to write (path or URL), e.g. next to the shards")
+    scan.add_argument("--processes", type=int, help="counting processes (default: one per core)")
 
     embed = commands.add_parser("embed", help="embed an image folder, a text file or shards with a trained model")
     embed.add_argument("model", type=Path, help="a run directory or its model/ directory")
@@ -174,14 +179,19 @@ def absolute_paths(cfg: Any) -> Any:
     Absolute paths are kept as written (not resolved through symlinks): on a cluster they name each worker's own
     node, where every worker checks at start that it can read them (trainer.preflight).
     """
-    def absolute(path: str) -> str:
-        return path if Path(path).is_absolute() else str(Path(path).resolve())
+    from trainer.data.remote import is_url
 
-    data = cfg.data.model_copy(update={
-        "train": absolute(cfg.data.train),
-        "test": None if cfg.data.test is None else absolute(cfg.data.test),
-    })
-    return cfg.model_copy(update={"data": data, "output_dir": str(Path(cfg.output_dir).resolve())})
+    def absolute(path: str | None) -> str | None:
+        if path is None or is_url(path) or Path(path).is_absolute():
+            return path  # URLs (s3://, pipe:...) and absolute paths mean the same on every node
+        if "::" in path:  # a list of shard patterns
+            return "::".join(str(absolute(part.strip())) for part in path.split("::"))
+        return str(Path(path).resolve())
+
+    data = cfg.data.model_copy(update={key: absolute(getattr(cfg.data, key))
+                                       for key in ("train", "test", "index", "test_index")})
+    output_dir = cfg.output_dir if is_url(cfg.output_dir) else str(Path(cfg.output_dir).resolve())
+    return cfg.model_copy(update={"data": data, "output_dir": output_dir})
 
 
 def ensure_shards(cfg: Any, address: str | None = None) -> None:
@@ -214,6 +224,16 @@ def cmd_shards(args: argparse.Namespace) -> int:
                            as_images=args.as_images, overwrite=args.overwrite)
     for split, index in written.items():
         print(f"{split}: {index.num_samples} {index.kind} samples in {len(index.shards)} shards")
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from trainer.data.scan import scan
+
+    started = time.perf_counter()
+    index = scan(args.spec, args.out, processes=args.processes)
+    print(f"{index['num_samples']} samples in {len(index['shards'])} shards → {args.out} "
+          f"({time.perf_counter() - started:.1f} s); use it with --set data.index={args.out}")
     return 0
 
 
@@ -275,8 +295,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "embed": cmd_embed, "mine": cmd_mine,
-            "eval": cmd_eval, "sweep": cmd_sweep, "submit": cmd_submit, "jobs": cmd_jobs}
+COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "scan": cmd_scan, "embed": cmd_embed,
+            "mine": cmd_mine, "eval": cmd_eval, "sweep": cmd_sweep, "submit": cmd_submit, "jobs": cmd_jobs}
 
 
 if __name__ == "__main__":

@@ -38,9 +38,20 @@ class DataConfig(Section):
     """Where the shards are and how they are streamed."""
 
     train: str = "data/digits/train"
-    """Directory of training shards (holding index.json), relative to the working directory."""
+    """Training shards: a Twinscale shard directory (holding index.json), or a WebDataset set with data.fields — a
+    brace pattern, glob or list of tar paths/URLs (s3://, gs://, https://, pipe:); a YAML list is joined with ::."""
     test: str | None = "data/digits/test"
-    """Directory of held-out shards used for evaluation; null disables evaluation."""
+    """Held-out shards used for evaluation, named as `train`; null disables evaluation."""
+    fields: dict[str, str] | None = None
+    """Field map of a WebDataset set not written by Twinscale: view → member extensions (`jpg;png;webp`), plus
+    `label` (a member such as `cls`, or `json.KEY`) and, for pairs, `similar`; only mapped members are read."""
+    index: str | None = None
+    """Sample-count index of `train` (`twinscale scan`), a path or URL; null: index.json next to the shards."""
+    test_index: str | None = None
+    """Sample-count index of `test`, as `index`."""
+    epoch_samples: int | None = Field(None, ge=1)
+    """Resampled training: samples per epoch over all workers, shards drawn with replacement, seeded by (seed,
+    epoch, rank, worker); for sets too large to scan (no counts needed). null: every sample once per epoch."""
     source: str | None = None
     """If set and `train` has no shards yet, write them first from this source (e.g. `digits`)."""
     source_as_images: bool = False
@@ -71,6 +82,21 @@ class DataConfig(Section):
     """K of P×K training batches: samples of each chosen class; batch_size must equal P × K."""
     class_buffer: int | None = Field(None, ge=2)
     """Most samples one loader worker buffers for P×K batches (null: 8 × batch_size); overflow is dropped."""
+
+    @field_validator("train", "test", mode="before")
+    @classmethod
+    def _join_shard_list(cls, value: Any) -> Any:
+        # A YAML list of tar paths/URLs is one spec joined with WebDataset's `::`.
+        return "::".join(str(item) for item in value) if isinstance(value, list) else value
+
+    @field_validator("fields")
+    @classmethod
+    def _check_fields(cls, fields: dict[str, str] | None) -> dict[str, str] | None:
+        if fields is not None:
+            from trainer.data.shardsets import parse_fields  # late: the data package imports this module
+
+            parse_fields(fields)
+        return fields
 
     @model_validator(mode="after")
     def _check_class_balance(self) -> DataConfig:
@@ -111,17 +137,19 @@ class ModelConfig(Section):
     """Dropout between encoder layers/stages and before the projection head."""
 
 
-LOSSES = ("contrastive", "triplet", "multi_similarity", "supcon", "infonce")
+LOSSES = ("contrastive", "triplet", "multi_similarity", "supcon", "infonce", "clip")
 MINERS = ("none", "batch_hard", "semi_hard", "multi_similarity")
 
 
 class LossConfig(Section):
     """The metric-learning loss (pytorch-metric-learning)."""
 
-    name: Literal["contrastive", "triplet", "multi_similarity", "supcon", "infonce"] = "multi_similarity"
-    """Loss function; `infonce` is PML's NTXentLoss."""
+    name: Literal["contrastive", "triplet", "multi_similarity", "supcon", "infonce", "clip"] = \
+        "multi_similarity"
+    """Loss function; `infonce` is PML's NTXentLoss; `clip` is CLIP's symmetric InfoNCE over the a and b sides of
+    pair shards, with a learnable temperature (needs pair shards and mining.name=none)."""
     distance: Literal["cosine", "euclidean", "l1"] = "cosine"
-    """Distance between embeddings; supcon, infonce and multi_similarity need cosine."""
+    """Distance between embeddings; supcon, infonce, multi_similarity and clip need cosine."""
     pos_margin: float = 0.0
     """Contrastive: positives are pulled until their distance is below this."""
     neg_margin: float = 1.0
@@ -245,6 +273,8 @@ class DistConfig(Section):
     """Collective timeout, after which a stuck worker fails instead of hanging."""
     max_failures: int = Field(0, ge=-1)
     """Ray: worker-group restarts after a worker dies (-1: unlimited); each restart resumes the newest checkpoint."""
+    clip_temperature: float = Field(0.07, ge=0.01, le=100.0)
+    """Clip: initial temperature; the model learns logit_scale = log(1/T), used clamped to ≤ log(100) (T ≥ 0.01)."""
 
     @field_validator("deepspeed")
     @classmethod
@@ -327,7 +357,9 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
-        if self.loss.name in ("supcon", "infonce", "multi_similarity") and self.loss.distance != "cosine":
+        if self.loss.name == "clip":
+            _check_clip(self)
+        if self.loss.name in ("supcon", "infonce", "multi_similarity", "clip") and self.loss.distance != "cosine":
             raise ValueError(f"loss.distance: {self.loss.name} is defined on cosine similarity, not "
                              f"{self.loss.distance}; set loss.distance=cosine")
         if self.optim.gradient_accumulation_steps > 1 and not self.optim.feature_cache:
@@ -405,6 +437,9 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 
 
 def read_yaml(source: Path) -> dict[str, Any]:
+    at_start: bool = True
+    """Evaluate once before the first step (`step: 0` in metrics.jsonl): the baseline a run's gains are measured
+    from (not repeated on resume)."""
     """Parse a recipe file into a mapping, with errors that name the file."""
     if not source.is_file():
         raise ConfigError(f"{source}: config file not found")
@@ -462,3 +497,13 @@ def _suggest(location: tuple[Any, ...]) -> str:
 
 def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
     return {key: _deep_copy(value) if isinstance(value, dict) else value for key, value in raw.items()}
+def _check_clip(cfg: Config) -> None:
+    """Clip scores a pair's a against every b (and back): it needs pairs, and it mines nothing."""
+    if cfg.mining.name != "none":
+        raise ValueError(f"mining.name: loss.name=clip uses every a×b pair of the global batch and mines nothing, "
+                         f"but mining.name is {cfg.mining.name}; set mining.name=none")
+    if cfg.data.source is not None and cfg.data.source_kind != "pairs":
+        raise ValueError(f"data.source_kind: loss.name=clip needs pair shards (a, b), but data.source_kind is "
+                         f"{cfg.data.source_kind}; set data.source_kind=pairs or choose another loss.name")
+
+

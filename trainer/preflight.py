@@ -14,6 +14,8 @@ from pathlib import Path
 
 from trainer.config import Config
 from trainer.data.formats import read_index
+from trainer.data.remote import is_url, open_shard
+from trainer.data.shardsets import is_pattern, open_data
 from trainer.errors import DataError, UserError
 
 SHARED_STORAGE_HINT = ("on a multi-node cluster every worker reads and writes on its own node: put shards and "
@@ -30,7 +32,7 @@ def check_worker_paths(cfg: Config, rank: int) -> None:
     where = f"worker {rank} on node {node_name()}"
     for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test)):
         if path is not None:
-            _check_shards(key, Path(path), where)
+            _check_shards(key, path, where, cfg)
     _check_run_dir(cfg.run_dir, where)
 
 
@@ -43,7 +45,11 @@ def node_name() -> str:
         return host
 
 
-def _check_shards(key: str, directory: Path, where: str) -> None:
+def _check_shards(key: str, spec: str, where: str, cfg: Config) -> None:
+    if is_url(spec) or is_pattern(spec) or cfg.data.fields is not None:
+        _check_shard_set(key, spec, where, cfg)
+        return
+    directory = Path(spec)
     shown = _shown(directory)
     try:
         index = read_index(directory)
@@ -56,6 +62,17 @@ def _check_shards(key: str, directory: Path, where: str) -> None:
         except OSError as error:
             raise WorkerPathError(f"{where}: {key} {shown}: cannot read {shard.file} ({error.strerror}); "
                                   f"{SHARED_STORAGE_HINT}") from None
+
+
+def _check_shard_set(key: str, spec: str, where: str, cfg: Config) -> None:
+    # A remote or foreign set: its index opens here and its first shard can be read (not every shard: thousands
+    # of remote objects would cost a request each at every start).
+    try:
+        index = open_data(spec, cfg.data, train=key == "data.train")
+        with open_shard(index.url(index.shards[0].file)) as handle:
+            handle.read(1)
+    except (DataError, OSError) as error:
+        raise WorkerPathError(f"{where}: {key} {spec}: {error}; {SHARED_STORAGE_HINT}") from None
 
 
 def _check_run_dir(run_dir: Path, where: str) -> None:

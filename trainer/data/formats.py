@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 from dataclasses import dataclass
@@ -108,9 +109,25 @@ class ViewSpec:
     """Member extension: npy, png, jpg or txt."""
     shape: tuple[int, ...] | None
     """Array shape for npy, [C, H, W] for images, None for text."""
+    alternatives: tuple[str, ...] = ()
+    """Other extensions a sample may store this view under (a foreign set's `jpg;png;webp`), tried after `ext`."""
+
+    @property
+    def exts(self) -> tuple[str, ...]:
+        """Every extension of this view, in the order they are looked for."""
+        return (self.ext, *self.alternatives)
 
     def to_json(self) -> dict[str, object]:
         return {"ext": self.ext, "shape": list(self.shape) if self.shape is not None else None}
+
+
+def view_member(sample: dict[str, Any], view: str, spec: ViewSpec) -> tuple[str, str]:
+    """The member name holding `view` in a raw sample, and its actual extension (the first of `spec.exts` present;
+    the declared one when none is, so that the caller reports it missing)."""
+    for ext in spec.exts:
+        if f"{view}.{ext}" in sample:
+            return f"{view}.{ext}", ext
+    return f"{view}.{spec.ext}", spec.ext
 
 
 @dataclass(frozen=True)
@@ -139,14 +156,29 @@ class ShardIndex:
     """train, test or None when the source was not split."""
     source: str = ""
     """The SOURCE argument the shards were written from."""
+    location: str = ""
+    """Directory (path or URL) that relative shard files are in; set by the reader, never written."""
+    fields: dict[str, str] | None = None
+    """A foreign WebDataset set's field map (data.fields); None for a Twinscale set. The stream renames its
+    members into Twinscale's (`trainer.data.shardsets.FieldMap`) right after reading them."""
 
     @property
     def num_samples(self) -> int:
         """Samples over all shards."""
         return sum(shard.samples for shard in self.shards)
 
+    def url(self, file: str) -> str:
+        """Where shard `file` is read from: a path or URL."""
+        from trainer.data.remote import join
+
+        return join(self.location, file) if self.location else file
+
     def members(self) -> set[str]:
         """Tar member suffixes a sample of this set declares (anything else is ignored, never decoded)."""
+        if self.fields is not None:
+            from trainer.data.shardsets import raw_members
+
+            return raw_members(self.fields)
         names = {f"{view}.{spec.ext}" for view, spec in self.views.items()}
         if self.labels:
             names |= {cls_member(self.kind, view) for view in self.views}
@@ -192,7 +224,15 @@ def read_index(directory: str | Path) -> ShardIndex:
     missing = [shard.file for shard in index.shards if not (path.parent / shard.file).is_file()]
     if missing:
         raise DataError(f"{path}: lists {len(missing)} shard file(s) that are missing, e.g. {missing[0]}")
-    return index
+    return dataclasses.replace(index, location=str(directory))
+
+
+def parse_index(raw: object, where: str, location: str) -> ShardIndex:
+    """A Twinscale index from its parsed JSON (read from `where`, shards in `location`); DataError on a bad one."""
+    try:
+        return dataclasses.replace(_parse_index(raw), location=location)
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataError(f"{where}: invalid shard index: {error}") from None
 
 
 def _parse_index(raw: object) -> ShardIndex:

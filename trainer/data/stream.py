@@ -45,7 +45,7 @@ import webdataset as wds
 
 from trainer.config import DataConfig
 from trainer.data.balance import ClassBalancedBatches, check_balanced_shards
-from trainer.data.formats import ShardIndex, ShardInfo, ViewSpec, cls_member, read_index
+from trainer.data.formats import ShardIndex, ShardInfo, ViewSpec, cls_member, view_member
 from trainer.data.preprocess import (  # noqa: F401 - decoders re-exported for callers of this module
     IMAGE_FORMATS,
     ImageSizeError,
@@ -57,6 +57,7 @@ from trainer.data.preprocess import (  # noqa: F401 - decoders re-exported for c
     decode_pixels,
     default_preprocessors,
 )
+from trainer.data.shardsets import open_data, shard_samples
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,18 @@ class EpochPlan:
 
 
 def plan_epoch(index: ShardIndex, *, seed: int, epoch: int, world_size: int, loader_workers: int,
-               batch_size: int) -> EpochPlan:
-    """Shuffle the shards with (seed, epoch) and assign them to every rank's DataLoader workers."""
+               batch_size: int, epoch_samples: int | None = None) -> EpochPlan:
+    """Shuffle the shards with (seed, epoch) and assign them to every rank's DataLoader workers.
+
+    With `epoch_samples` (resampled mode) every slot draws from all shards with replacement (`_SlotShards`) and
+    each rank yields epoch_samples // (world_size × batch_size) batches; no sample counts are needed."""
     if world_size < 1 or loader_workers < 0 or batch_size < 1:
         raise DataError(f"plan_epoch: need world_size ≥ 1, loader_workers ≥ 0 and batch_size ≥ 1, got "
                         f"{world_size}, {loader_workers}, {batch_size}")
     workers = max(1, loader_workers)
+    if epoch_samples is not None:
+        return _resampled_plan(index, seed=seed, epoch=epoch, world_size=world_size, workers=workers,
+                               batch_size=batch_size, epoch_samples=epoch_samples)
     permutation = np.random.default_rng([seed % 2**63, epoch % 2**63]).permutation(len(index.shards))
     shuffled = [index.shards[i] for i in permutation]
     slots = _assign(shuffled, world_size, workers)
@@ -117,6 +124,19 @@ def plan_epoch(index: ShardIndex, *, seed: int, epoch: int, world_size: int, loa
     if min(batches) == 0:
         raise DataError(_too_few_shards(index, plan, batches.index(0)))
     return dataclasses.replace(plan, batches_per_rank=min(batches))
+
+
+def _resampled_plan(index: ShardIndex, *, seed: int, epoch: int, world_size: int, workers: int, batch_size: int,
+                    epoch_samples: int) -> EpochPlan:
+    batches = epoch_samples // (world_size * batch_size)
+    if batches == 0:
+        raise DataError(f"data.epoch_samples: {epoch_samples} samples make no batch of {batch_size} on each of "
+                        f"{world_size} rank(s); raise it to at least {world_size * batch_size}")
+    every = tuple(shard.file for shard in index.shards)
+    return EpochPlan(seed=seed, epoch=epoch, world_size=world_size, workers=workers, batch_size=batch_size,
+                     order=every, slots=tuple(tuple(every for _ in range(workers)) for _ in range(world_size)),
+                     slot_samples=tuple(tuple(0 for _ in range(workers)) for _ in range(world_size)),
+                     batches_per_rank=batches, num_samples=epoch_samples)
 
 
 def _assign(shards: list[ShardInfo], world_size: int, workers: int) -> list[list[list[ShardInfo]]]:
@@ -153,7 +173,7 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
     fill their shuffle buffers and first batches while the caller is still busy (the batches are the same).
     `preprocessors` (per view) come from the model; None means the toy encoders' (`default_preprocessors`).
     """
-    index = read_index(shard_dir)
+    index = open_data(str(shard_dir), cfg, train=True)
     preprocessors = preprocessors or default_preprocessors(index, cfg)
     plan = epoch_plan(shard_dir, cfg, seed=seed, epoch=epoch, world_size=world_size, index=index)
     if not 0 <= rank < world_size:
@@ -162,8 +182,7 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
 
     def open_pass(number: int) -> torch.utils.data.DataLoader:
         stream = _StreamSeed(seed, epoch, rank, number)
-        pipeline = _pipeline(Path(shard_dir), index, cfg, preprocessors, plan.slots[rank], cfg.batch_size,
-                             stream=stream)
+        pipeline = _pipeline(index, cfg, preprocessors, plan.slots[rank], cfg.batch_size, stream=stream)
         # The loader draws its workers' base seed from `generator`, not from torch's global RNG: opening an epoch
         # must not move the stream that dropout draws from, or a resumed run would drift from an uninterrupted one.
         return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers,
@@ -179,8 +198,9 @@ def epoch_plan(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int,
                index: ShardIndex | None = None) -> EpochPlan:
     """The plan of one training epoch, with errors naming the shard directory."""
     try:
-        return plan_epoch(index or read_index(shard_dir), seed=seed, epoch=epoch, world_size=world_size,
-                          loader_workers=cfg.loader_workers, batch_size=cfg.batch_size)
+        return plan_epoch(index or open_data(str(shard_dir), cfg, train=True), seed=seed, epoch=epoch,
+                          world_size=world_size, loader_workers=cfg.loader_workers, batch_size=cfg.batch_size,
+                          epoch_samples=cfg.epoch_samples)
     except DataError as error:
         raise DataError(f"{shard_dir}: {error}") from None
 
@@ -221,14 +241,14 @@ def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int, ran
     share, whatever the numbers of ranks and shards (a shard may be split between ranks), and the ranks' batches
     concatenated in rank order are one process's batches. With one rank: every sample once, in index order.
     """
-    index = read_index(shard_dir)
+    index = open_data(str(shard_dir), cfg)
     preprocessors = preprocessors or default_preprocessors(index, cfg)
     share = eval_share(index, rank, world_size)
     state = _WorkerState(cfg.on_corrupt, rank=rank)
     pipeline = wds.DataPipeline(
-        _SlotShards(Path(shard_dir), (tuple(share),), state),
-        wds.tarfile_to_samples(handler=state.tar_error, select_files=_DeclaredMembers(index.members())),
-        _SamplesInShare(Path(shard_dir), share),  # before decoding: a sample outside the share costs no decode
+        _SlotShards(index, (tuple(share),), state),
+        shard_samples(state.tar_error, _DeclaredMembers(index.members()), index.fields),
+        _SamplesInShare(index, share),  # before decoding: a sample outside the share costs no decode
         wds.map(SampleDecoder(index, preprocessors, state)),
         wds.batched(batch_size, collation_fn=BatchCollator(index, preprocessors, state), partial=True),
     )
@@ -258,8 +278,8 @@ class _SamplesInShare:
     Positions count the samples as the tar reader yields them, the same on every rank, so the shares stay
     disjoint and complete even where a damaged shard yields fewer samples than its index entry says."""
 
-    def __init__(self, directory: Path, share: dict[str, tuple[int, int]]) -> None:
-        self.bounds = {str(directory / file): span for file, span in share.items()}
+    def __init__(self, index: ShardIndex, share: dict[str, tuple[int, int]]) -> None:
+        self.bounds = {index.url(file): span for file, span in share.items()}
 
     def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         url, position = None, 0
@@ -272,7 +292,7 @@ class _SamplesInShare:
             position += 1
 
 
-def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, preprocessors: dict[str, Preprocessor],
+def _pipeline(index: ShardIndex, cfg: DataConfig, preprocessors: dict[str, Preprocessor],
               slots: tuple[tuple[str, ...], ...],
               batch_size: int, *, stream: _StreamSeed | None) -> wds.DataPipeline:
     state = _WorkerState(cfg.on_corrupt, rank=stream.rank if stream is not None else 0)
@@ -282,8 +302,8 @@ def _pipeline(directory: Path, index: ShardIndex, cfg: DataConfig, preprocessors
     else:
         batch = wds.batched(batch_size, collation_fn=collate, partial=stream is None)
     return wds.DataPipeline(
-        _SlotShards(directory, slots, state),
-        wds.tarfile_to_samples(handler=state.tar_error, select_files=_DeclaredMembers(index.members())),
+        _SlotShards(index, slots, state, resample=stream if cfg.epoch_samples is not None else None),
+        shard_samples(state.tar_error, _DeclaredMembers(index.members()), index.fields),
         functools.partial(stream.shuffle, cfg.shuffle_buffer) if stream and cfg.shuffle_buffer else None,
         wds.map(SampleDecoder(index, preprocessors, state, seed=stream.seed if stream else 0,
                               epoch=stream.epoch if stream else 0, train=stream is not None)),
@@ -373,15 +393,22 @@ class _WorkerState:
 class _SlotShards:
     """First pipeline stage: the shard files of the DataLoader worker running it, as WebDataset URLs."""
 
-    def __init__(self, directory: Path, slots: tuple[tuple[str, ...], ...], state: _WorkerState) -> None:
-        self.directory, self.slots, self.state = directory, slots, state
+    def __init__(self, index: ShardIndex, slots: tuple[tuple[str, ...], ...], state: _WorkerState, *,
+                 resample: _StreamSeed | None = None) -> None:
+        self.index, self.slots, self.state, self.resample = index, slots, state, resample
 
     def __call__(self) -> Iterator[dict[str, str]]:
         self.state.worker = _worker_id()
         if self.state.worker >= len(self.slots):
             raise DataError(f"DataLoader worker {self.state.worker} has no slot in a plan of {len(self.slots)}")
         self.state.shards = self.slots[self.state.worker]
-        return iter([{"url": str(self.directory / file)} for file in self.slots[self.state.worker]])
+        files = self.slots[self.state.worker]
+        if self.resample is not None:
+            # Resampled mode: shards drawn with replacement. A pass is bounded (`_take` opens the next, seeded by
+            # its number, when a pass runs short), so a set whose every shard fails ends in an error, not a loop.
+            rng = self.resample.rng("shards")
+            return ({"url": self.index.url(rng.choice(files))} for _ in range(4 * len(files) + 64))
+        return iter([{"url": self.index.url(file)} for file in files])
 
 
 @dataclass(frozen=True)
@@ -455,7 +482,8 @@ class SampleDecoder:
         labels = {view: _class_id(_member(sample, cls_member(kind, view))) for view in views} \
             if self.index.labels else {}
         # Content ids from the members' bytes, before any augmentation: two crops of one photo are one item.
-        content = {view: content_id(sample[f"{view}.{spec.ext}"]) for view, spec in self.index.views.items()}
+        content = {view: content_id(sample[view_member(sample, view, spec)[0]])
+                   for view, spec in self.index.views.items()}
         decoded = {"__key__": sample["__key__"], "views": views, "labels": labels, "content": content}
         if kind == "pairs":
             decoded["similar"] = _similar(_member(sample, "similar"))
@@ -463,10 +491,10 @@ class SampleDecoder:
 
     def view(self, sample: dict[str, Any], view: str, spec: ViewSpec, context: SampleContext) -> Any:
         """One view's row, as its Preprocessor prepares it from the member's bytes."""
-        name = f"{view}.{spec.ext}"
+        name, ext = view_member(sample, view, spec)  # a foreign set's view may be jpg or png, sample by sample
         data = _member(sample, name)
         try:
-            return self.preprocessors[view].prepare(data, spec.ext, context)
+            return self.preprocessors[view].prepare(data, ext, context)
         except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
             raise CorruptSample(f"{name}: cannot decode ({type(error).__name__}: {error})") from None
 

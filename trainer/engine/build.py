@@ -11,8 +11,9 @@ import math
 from dataclasses import dataclass
 
 from trainer.config import Config
-from trainer.data.formats import KIND_VIEWS, ShardIndex, read_index
+from trainer.data.formats import KIND_VIEWS, ShardIndex
 from trainer.data.preprocess import Preprocessor
+from trainer.data.shardsets import open_data
 from trainer.data.stream import plan_epoch
 from trainer.errors import ConfigError
 from trainer.models.towers import EmbeddingModel, InputSpec, build_model, build_preprocessors
@@ -44,7 +45,7 @@ def input_spec(index: ShardIndex, view: str, text_buckets: int) -> InputSpec:
 def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
     """Validate the config against the shards and compute the run's length."""
     world = world_size or cfg.dist.workers
-    index = read_index(cfg.data.train)
+    index = open_data(cfg.data.train, cfg.data, train=True)
     views = KIND_VIEWS[index.kind]
     if index.kind == "labeled" and cfg.model.architecture == "pseudo_siamese":
         raise ConfigError("model.architecture: pseudo_siamese needs pair or triplet shards (two kinds of input); "
@@ -55,11 +56,12 @@ def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
     spec_a = input_spec(index, views[0], cfg.data.text_buckets)
     spec_b = input_spec(index, views[1], cfg.data.text_buckets) if len(views) > 1 else None
     if cfg.data.test is not None:
-        test = read_index(cfg.data.test)
+        test = open_data(cfg.data.test, cfg.data)
         if test.kind != index.kind:
             raise ConfigError(f"data.test: {cfg.data.test} holds {test.kind} shards but data.train holds {index.kind}")
     per_epoch = [plan_epoch(index, seed=cfg.seed, epoch=e, world_size=world, loader_workers=cfg.data.loader_workers,
-                            batch_size=cfg.data.batch_size).batches_per_rank for e in range(cfg.optim.epochs)]
+                            batch_size=cfg.data.batch_size, epoch_samples=cfg.data.epoch_samples).batches_per_rank
+                 for e in range(cfg.optim.epochs)]
     total = sum(per_epoch)
     if cfg.optim.max_steps is not None:
         total = min(total, cfg.optim.max_steps)

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from trainer.config import Config
-from trainer.data.formats import KIND_VIEWS, read_index
+from trainer.data.formats import KIND_VIEWS
 from trainer.data.preprocess import Preprocessor
+from trainer.data.shardsets import open_data
 from trainer.data.stream import eval_batches
 from trainer.engine.step import TOWER_SIDE, move_inputs
 from trainer.evaluation import (
@@ -46,7 +47,7 @@ def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config, device: tor
                 preprocessors: dict[str, Preprocessor] | None = None) -> EmbeddedShare:
     """This worker's share of a split, embedded (the whole split with one worker)."""
     collective = collective or Collective()
-    index = read_index(shard_dir)
+    index = open_data(shard_dir, cfg.data)
     kind = index.kind
     dtype = next(model.parameters()).dtype
     embedded: dict[str, list[torch.Tensor]] = {view: [] for view in KIND_VIEWS[kind]}
