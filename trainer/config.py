@@ -34,6 +34,54 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True, frozen=True)
 
 
+class ImageConfig(Section):
+    """Image views (trainer/data/transforms.py): decoded from their original bytes at any size, then a random
+    resized crop + flip (+ colour jitter) in training, shorter-side resize + centre crop in evaluation; seeded by
+    (seed, epoch, sample key, view) only, so resume stays exact and views do not depend on the loader workers."""
+
+    size: int | None = Field(None, ge=1)
+    """Side of the square model input in pixels. null: the pretrained tower's image processor size (model.encoder
+    hf); required for cnn and module towers on images of any size; with shards of one declared size and the cnn
+    encoder, null keeps the old path (pixels as stored, in [0, 1], no augmentation)."""
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), strict=False)
+    """Training crop: range of the crop's area as a fraction of the image's (torchvision's RandomResizedCrop)."""
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), strict=False)
+    """Training crop: range of the crop's aspect ratio (width / height), drawn log-uniformly."""
+    flip: bool = True
+    """Training: mirror left–right with probability 1/2 (false for text, digits or other chiral images)."""
+    color_jitter: float = Field(0.0, ge=0.0, lt=1.0)
+    """Training: brightness, contrast and saturation each scaled by a factor drawn from [1 − j, 1 + j] (0: off)."""
+    resize: int | None = Field(None, ge=1)
+    """Evaluation: the shorter side is resized to this before the centre crop of `size`; null: round(size / 0.875)
+    (224 → 256, as ImageNet evaluation)."""
+    mean: tuple[float, ...] | None = Field(None, strict=False)
+    """Per-channel mean subtracted from pixels in [0, 1]. null: the pretrained processor's image_mean (hf towers),
+    else ImageNet's (0.485, 0.456, 0.406), what torchvision/timm backbones expect; [0] with std [1] disables it."""
+    std: tuple[float, ...] | None = Field(None, strict=False)
+    """Per-channel standard deviation pixels are divided by; null as `mean` (ImageNet: 0.229, 0.224, 0.225)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> ImageConfig:
+        low, high = self.crop_scale
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"data.image.crop_scale: {list(self.crop_scale)} must satisfy 0 < low ≤ high ≤ 1")
+        low, high = self.crop_ratio
+        if not 0.0 < low <= high:
+            raise ValueError(f"data.image.crop_ratio: {list(self.crop_ratio)} must satisfy 0 < low ≤ high")
+        if self.resize is not None and self.size is not None and self.resize < self.size:
+            raise ValueError(f"data.image.resize: {self.resize} is smaller than data.image.size {self.size}; the "
+                             "centre crop must fit in the resized image")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and len(values) not in (1, 3):
+                raise ValueError(f"data.image.{name}: {list(values)} needs 1 value (gray or all channels) or 3 (RGB)")
+        if self.std is not None and any(value <= 0 for value in self.std):
+            raise ValueError(f"data.image.std: {list(self.std)} must be positive")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.image.mean and data.image.std: set both or neither")
+        return self
+
+
 class DataConfig(Section):
     """Where the shards are and how they are streamed."""
 
@@ -82,6 +130,8 @@ class DataConfig(Section):
     """K of P×K training batches: samples of each chosen class; batch_size must equal P × K."""
     class_buffer: int | None = Field(None, ge=2)
     """Most samples one loader worker buffers for P×K batches (null: 8 × batch_size); overflow is dropped."""
+    image: ImageConfig = ImageConfig()
+    """How image views are decoded, augmented (training) and resized (evaluation, `twinscale embed`)."""
 
     @field_validator("train", "test", mode="before")
     @classmethod

@@ -92,7 +92,7 @@ FORMAT_NAME = "twinscale-shards"
 FORMAT_VERSION = 1
 INDEX_FILE = "index.json"
 SHARD_PATTERN = "shard-{:06d}.tar"
-IMAGE_EXTS = ("png", "jpg")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 VIEW_EXTS = ("npy", *IMAGE_EXTS, "txt")
 
 
@@ -108,7 +108,7 @@ class ViewSpec:
     ext: str
     """Member extension: npy, png, jpg or txt."""
     shape: tuple[int, ...] | None
-    """Array shape for npy, [C, H, W] for images, None for text."""
+    """Array shape for npy, [C, H, W] for images of one size ([C] or None: any size), None for text."""
     alternatives: tuple[str, ...] = ()
     """Other extensions a sample may store this view under (a foreign set's `jpg;png;webp`), tried after `ext`."""
 
@@ -118,7 +118,10 @@ class ViewSpec:
         return (self.ext, *self.alternatives)
 
     def to_json(self) -> dict[str, object]:
-        return {"ext": self.ext, "shape": list(self.shape) if self.shape is not None else None}
+        raw: dict[str, object] = {"ext": self.ext, "shape": list(self.shape) if self.shape is not None else None}
+        if self.alternatives:  # an image folder of mixed formats: each sample keeps its own extension
+            raw["alternatives"] = list(self.alternatives)
+        return raw
 
 
 def view_member(sample: dict[str, Any], view: str, spec: ViewSpec) -> tuple[str, str]:
@@ -179,7 +182,7 @@ class ShardIndex:
             from trainer.data.shardsets import raw_members
 
             return raw_members(self.fields)
-        names = {f"{view}.{spec.ext}" for view, spec in self.views.items()}
+        names = {f"{view}.{ext}" for view, spec in self.views.items() for ext in spec.exts}
         if self.labels:
             names |= {cls_member(self.kind, view) for view in self.views}
         if self.kind == "pairs":
@@ -266,15 +269,22 @@ def _parse_view(view: str, raw: dict[str, object]) -> ViewSpec:
         if shape is not None:
             raise ValueError(f"view {view}: a txt view has shape null")
         return ViewSpec("txt", None)
+    alternatives: tuple[str, ...] = tuple(raw.get("alternatives") or ())  # type: ignore[arg-type]
+    if alternatives and (ext not in IMAGE_EXTS or not set(alternatives) <= set(IMAGE_EXTS)):
+        raise ValueError(f"view {view}: alternatives {list(alternatives)} must be image extensions of an image view")
+    if ext in IMAGE_EXTS and shape is None:  # images of any size, channels unknown
+        return ViewSpec(str(ext), None, alternatives)
     if not isinstance(shape, list) or not all(isinstance(n, int) and n > 0 for n in shape):
         raise ValueError(f"view {view}: shape must be a list of positive ints, got {shape!r}")
-    if ext in IMAGE_EXTS and (len(shape) != 3 or shape[0] not in (1, 3)):
-        raise ValueError(f"view {view}: an image shape is [C, H, W] with C 1 or 3, got {shape}")
+    if ext in IMAGE_EXTS and (len(shape) not in (1, 3) or shape[0] not in (1, 3)):
+        raise ValueError(f"view {view}: an image shape is [C, H, W] (one size), [C] or null (any size) with C 1 or 3, "
+                         f"got {shape}")
     # Pillow's decompression-bomb limit, the one the stream's decoder checks each image header against.
-    if ext in IMAGE_EXTS and Image.MAX_IMAGE_PIXELS is not None and shape[1] * shape[2] > Image.MAX_IMAGE_PIXELS:
+    if ext in IMAGE_EXTS and len(shape) == 3 and Image.MAX_IMAGE_PIXELS is not None and \
+            shape[1] * shape[2] > Image.MAX_IMAGE_PIXELS:
         raise ValueError(f"view {view}: image shape {shape} has more than {Image.MAX_IMAGE_PIXELS} pixels (Pillow's "
                          f"decompression-bomb limit)")
-    return ViewSpec(str(ext), tuple(shape))
+    return ViewSpec(str(ext), tuple(shape), alternatives)
 
 
 def _parse_shard(raw: dict[str, object]) -> ShardInfo:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,6 +141,32 @@ def default_preprocessors(index: ShardIndex, cfg: DataConfig) -> dict[str, Prepr
     return {view: default_preprocessor(spec, cfg) for view, spec in index.views.items()}
 
 
+def _image_from_dict(raw: dict[str, Any]) -> Preprocessor:
+    from trainer.data.transforms import ImagePreprocessor  # late: transforms imports this module
+
+    return ImagePreprocessor.from_dict(raw)
+
+
+# `to_dict()["name"]` → rebuild from that dict: how an exported model's preprocessing is restored for inference.
+PREPROCESSOR_BUILDERS: dict[str, Callable[[dict[str, Any]], Preprocessor]] = {
+    "array": lambda raw: ArrayPreprocessor(tuple(raw["shape"]) if raw.get("shape") is not None else None),
+    "pixels": lambda raw: PixelPreprocessor(tuple(raw["shape"])),  # type: ignore[arg-type]
+    "hashed_text": lambda raw: HashedTextPreprocessor(raw["buckets"], tuple(raw["ngrams"])),  # type: ignore[arg-type]
+    "image": _image_from_dict,
+}
+
+
+def preprocessor_from_dict(raw: dict[str, Any]) -> Preprocessor:
+    """The preprocessor a `to_dict()` describes; ValueError for an unknown or malformed one."""
+    builder = PREPROCESSOR_BUILDERS.get(str(raw.get("name")))
+    if builder is None:
+        raise ValueError(f"unknown preprocessor {raw.get('name')!r}; expected one of {sorted(PREPROCESSOR_BUILDERS)}")
+    try:
+        return builder(raw)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"preprocessor {raw.get('name')!r}: invalid description {raw} ({error})") from None
+
+
 # --- Decoders shared by the preprocessors (and by tests that check them directly). ---
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -188,7 +215,7 @@ def decode_image(data: bytes, channels: int) -> np.ndarray:
 
 # Pillow tries only these decoders, the declared one first: probing every registered format costs more than
 # decoding a small image.
-IMAGE_FORMATS = {"png": ("PNG", "JPEG"), "jpg": ("JPEG", "PNG")}
+IMAGE_FORMATS = {"png": ("PNG", "JPEG"), "jpg": ("JPEG", "PNG"), "webp": ("WEBP", "JPEG", "PNG")}
 
 
 class ImageSizeError(ValueError):

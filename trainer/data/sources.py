@@ -1,8 +1,8 @@
 """Readers that turn a SOURCE argument into records for the shard writer.
 
 A SOURCE is `digits` (scikit-learn's 1,797 real 8x8 handwritten digits), an image folder
-(`root/<class>/*.png|jpg|jpeg`), a text file (`.csv` or `.jsonl`) of labeled texts, pairs or triplets, or a
-`.npz` file of arrays. Text files hold labeled texts (`text,label`), pairs (`a,b,similar`, or
+(`root/<class>/**/*.jpg|jpeg|png|webp`, of any sizes), a text file (`.csv` or `.jsonl`) of labeled texts, pairs
+or triplets, or a `.npz` file of arrays. Text files hold labeled texts (`text,label`), pairs (`a,b,similar`, or
 `anchor,positive`: similar pairs) or triplets (`anchor,positive,negative`), with optional `<column>_label` class
 ids. Records hold encoded member bytes (npy/png/jpg/txt), never model code or pickles.
 Bad input raises `DataError` naming the file, column or line.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,8 @@ from PIL import Image, UnidentifiedImageError
 from trainer.data.formats import ViewSpec
 from trainer.errors import DataError
 
-IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+IMAGE_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+IMAGE_DECODERS = ("JPEG", "PNG", "WEBP")
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # Column layouts of a text file, tried in this order; the first whose columns are all present wins:
 # (form, the columns it needs, the columns holding its items). `anchor,positive` (sentence-transformers' and
@@ -146,49 +148,48 @@ def _pick_array(arrays: np.lib.npyio.NpzFile, path: Path, names: tuple[str, ...]
 
 
 def read_image_folder(root: Path) -> Source:
-    """Images under `root/<class>/`: class ids are the sorted folder names' positions; bytes are kept as is."""
+    """Images under `root/<class>/` (any depth below the class folder): class ids are the sorted class folder
+    names' positions; every image keeps its original bytes and extension (jpg, png, webp mixed), read from disk
+    only when its shard is written.
+
+    Every header is read once (no pixels): an unreadable image fails here, naming its path. Images that all share
+    one size (and no EXIF rotation) are declared [C, H, W], as before; otherwise the view is declared [C] (any
+    size), which a tower that resizes reads (data.image.size, trainer/data/transforms.py)."""
     classes = sorted(child for child in root.iterdir() if child.is_dir() and not child.name.startswith("."))
     files = [(path, label) for label, folder in enumerate(classes) for path in _image_files(folder)]
     if not files:
-        raise DataError(f"{root}: no images found; expected {root}/<class>/*.png|jpg|jpeg")
-    exts = {IMAGE_SUFFIXES[path.suffix.lower()] for path, _ in files}
-    # One extension per view: a folder mixing formats is re-encoded losslessly to PNG.
-    ext = exts.pop() if len(exts) == 1 else "png"
-    shape = _common_image_shape([path for path, _ in files], root)
-    items = [_image_item(path, label, ext) for path, label in files]
-    return Source(str(root), "labeled", [(item,) for item in items], ViewSpec(ext, shape))
+        raise DataError(f"{root}: no images found; expected {root}/<class>/*.{'|'.join(sorted(IMAGE_SUFFIXES)[::-1])}")
+    counts = Counter(IMAGE_SUFFIXES[path.suffix.lower()] for path, _ in files)
+    exts = sorted(counts, key=lambda ext: (-counts[ext], ext))  # the most common first, the others as alternatives
+    shape = _image_folder_shape([path for path, _ in files])
+    items = [Item(IMAGE_SUFFIXES[path.suffix.lower()], label, path=path) for path, label in files]
+    return Source(str(root), "labeled", [(item,) for item in items], ViewSpec(exts[0], shape, tuple(exts[1:])))
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def _image_item(path: Path, label: int, ext: str) -> Item:
-    if IMAGE_SUFFIXES[path.suffix.lower()] == ext:
-        return Item(ext, label, path=path)
-    with Image.open(path) as image:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-    return Item(ext, label, data=buffer.getvalue())
+def _image_folder_shape(paths: list[Path]) -> tuple[int, ...]:
+    """[C, H, W] when every image has one size and no EXIF rotation, else [C]; C is 1 when all are gray."""
+    headers = [_image_header(path) for path in paths]
+    channels = 1 if all(mode in GRAY_MODES for _, _, mode, _ in headers) else 3
+    sizes = {(height, width) for width, height, _, _ in headers}
+    if len(sizes) == 1 and not any(rotated for *_, rotated in headers):
+        return (channels, *sizes.pop())
+    return (channels,)
 
 
-def _common_image_shape(paths: list[Path], root: Path) -> tuple[int, int, int]:
-    first_width, first_height, _ = _image_header(paths[0])
-    gray = True
-    for path in paths:
-        width, height, mode = _image_header(path)
-        gray = gray and mode in GRAY_MODES
-        if (width, height) != (first_width, first_height):
-            raise DataError(f"{path}: is {width}x{height}, but {paths[0]} is {first_width}x{first_height}; "
-                            f"images under {root} must share one size: resize them first")
-    return (1 if gray else 3, first_height, first_width)
-
-
-def _image_header(path: Path) -> tuple[int, int, str]:
+def _image_header(path: Path) -> tuple[int, int, str, bool]:
+    """Width, height, mode and whether EXIF asks for a rotation, from the header (nothing decoded)."""
     try:
-        with Image.open(path) as image:
-            return image.width, image.height, image.mode
-    except (OSError, UnidentifiedImageError) as error:
+        with Image.open(path, formats=IMAGE_DECODERS) as image:
+            if Image.MAX_IMAGE_PIXELS is not None and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise DataError(f"{path}: {image.width}x{image.height} pixels exceed Pillow's decompression-bomb "
+                                f"limit of {Image.MAX_IMAGE_PIXELS}")
+            return image.width, image.height, image.mode, int(image.getexif().get(0x0112, 1) or 1) != 1
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as error:
         raise DataError(f"{path}: not a readable image ({error})") from None
 
 

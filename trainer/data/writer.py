@@ -188,7 +188,8 @@ def write_tuples(directory: Path, kind: str, tuples: Iterable[Tuple], spec: View
     shards = []
     for number, chunk in enumerate(_chunks(tuples, samples_per_shard)):
         name = SHARD_PATTERN.format(number)
-        _write_shard(directory / name, [tar_sample(kind, sample, labeled) for sample in chunk])
+        # One sample's bytes at a time (an image folder's files are read as they are written), not a shard's.
+        _write_shard(directory / name, (tar_sample(kind, sample, labeled) for sample in chunk))
         shards.append(ShardInfo(name, len(chunk)))
     if not shards:
         raise DataError(f"{source}: the {split or 'whole'} split has no samples")
@@ -212,7 +213,7 @@ def tar_sample(kind: str, sample: Tuple, labeled: bool) -> dict[str, bytes | str
     return members
 
 
-def _write_shard(path: Path, samples: list[dict[str, bytes | str]]) -> None:
+def _write_shard(path: Path, samples: Iterable[dict[str, bytes | str]]) -> None:
     # Fixed owner and mtime: the same source and seed give byte-identical shards.
     with path.open("wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0, user="twinscale",
                                                    group="twinscale") as writer:
