@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,16 @@ def digits_recipe(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = root / "recipe.yaml"
     path.write_text(DIGITS_RECIPE.format(root=root))
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3-compatible server on loopback for the session (moto's server mode): its endpoint URL. Tests
+    point AWS_ENDPOINT_URL_S3 at it (tests/test_remote.py's `s3` fixture); nothing leaves the machine."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -27,6 +27,8 @@ BACKOFF_S = 0.2
 """First wait between attempts; doubled after each failure."""
 TIMEOUT_S = 20.0
 """Connect and read timeout of one request to object storage."""
+S3FS_RETRIES = 2
+"""Attempts s3fs makes per request before this module's own retry (which reopens at the current byte)."""
 REMOTE_SCHEMES = ("s3", "gs", "gcs", "http", "https", "az", "abfs")
 
 
@@ -59,9 +61,10 @@ def filesystem(url: str) -> tuple[Any, str]:
     options: dict[str, Any] = {}
     if protocol == "s3":
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        # s3fs retries each request itself (5 times by default) and botocore again: with this module's retries on
+        # top, a dead endpoint would take minutes to give up on. One layer of botocore, two of s3fs, ours outside.
         options = {"config_kwargs": {"connect_timeout": TIMEOUT_S, "read_timeout": TIMEOUT_S,
-                                     "retries": {"max_attempts": 2}},
-                   "skip_instance_cache": False}
+                                     "retries": {"max_attempts": 1}}}
         if endpoint:
             options["endpoint_url"] = endpoint
     elif protocol in ("http", "https"):
@@ -73,6 +76,8 @@ def filesystem(url: str) -> tuple[Any, str]:
         fs, path = fsspec.core.url_to_fs(url, **options)
     except (ImportError, ValueError) as error:
         raise DataError(f"{url}: no storage backend for this URL ({error})") from None
+    if protocol == "s3":
+        fs.retries = S3FS_RETRIES
     return fs, path
 
 
@@ -83,10 +88,7 @@ def exists(location: str) -> bool:
     if location.startswith("pipe:"):
         return True
     fs, path = filesystem(location)
-    try:
-        return bool(_with_retries(location, lambda: fs.isfile(path)))
-    except ShardReadError as error:
-        raise DataError(str(error)) from None
+    return bool(_with_retries(location, lambda: fs.isfile(path)))
 
 
 def read_bytes(location: str) -> bytes:
@@ -207,13 +209,18 @@ class RetryingReader(io.RawIOBase):
 
 
 def _with_retries(location: str, call: Any) -> Any:
+    """`call()` with retries and backoff; DataError naming `location` once it keeps failing."""
     for attempt in range(RETRIES):
         try:
             return call()
-        except (FileNotFoundError, PermissionError):
+        except FileNotFoundError:
             raise
+        except PermissionError as error:
+            raise DataError(f"{location}: access denied ({error}); check the credentials in the environment "
+                            f"(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, or fsspec's configuration)") from None
         except Exception as error:  # see RetryingReader.readinto
             if attempt + 1 == RETRIES:
-                raise ShardReadError(f"{location}: failed {RETRIES} times ({type(error).__name__}: {error})") from None
+                raise DataError(f"{location}: unreachable, failed {RETRIES} times ({type(error).__name__}: "
+                                f"{error})") from None
             time.sleep(BACKOFF_S * 2**attempt)
     return None

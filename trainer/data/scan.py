@@ -83,7 +83,7 @@ def scan(spec: str, out: str, *, processes: int | None = None,
 def count_in_pool(urls: list[str], processes: int | None = None) -> list[int]:
     """`count_samples` of every URL, in a pool of processes (in this process for a handful of shards)."""
     workers = min(len(urls), processes or os.cpu_count() or 1)
-    if workers <= 1 or len(urls) < 4:
+    if workers <= 1 or (processes is None and len(urls) < 16):  # starting processes costs more than a few shards
         return [count_samples(url) for url in urls]
     # spawn, not fork: a forked storage client (an event loop, open connections) misbehaves in the child.
     context = multiprocessing.get_context("spawn")
