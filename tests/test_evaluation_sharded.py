@@ -1,6 +1,7 @@
 """Evaluation shared by every worker: each rank embeds its share of the held-out split, the shares are gathered,
 and each rank scores its share of the queries. 2 and 3 real gloo processes must return exactly the metrics of
-one process, for labeled, pair and triplet shards, with fewer shards than ranks and a rank with no sample."""
+one process, for labeled, pair (verification and retrieval both ways) and triplet shards, with fewer shards
+than ranks and a rank with no sample."""
 
 from __future__ import annotations
 
@@ -112,5 +113,10 @@ def test_workers_evaluate_exactly_as_one_process(tmp_path: Path, world: int) -> 
     expected = metrics_of(splits)
     assert expected["labeled"]["num_queries"] == 140 and 0.0 < expected["labeled"]["map_at_r"] < 1.0
     assert {"roc_auc", "eer"} <= set(expected["pairs"]) and "triplet_accuracy" in expected["triplets"]
+    for direction in ("a2b", "b2a"):  # pair retrieval, over items repeated across pairs (deduplicated by content)
+        pairs = expected["pairs"]
+        recalls = [pairs[f"retrieval_{direction}/recall_at_{k}"] for k in (1, 3, 5)]
+        assert recalls == sorted(recalls) and 0.0 < recalls[-1] < 1.0, recalls
+        assert 0.0 < pairs[f"retrieval_{direction}/ndcg_at_3"] < 1.0 and pairs[f"retrieval_{direction}/num_queries"] > 0
     assert expected["two_items"]["num_queries"] in (0.0, 2.0)
     run_ranks(_worker, world, splits, expected)

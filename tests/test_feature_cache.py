@@ -115,3 +115,26 @@ def test_cached_training_under_torchrun_matches_plain_training(tmp_path: Path) -
         assert final["step"] == 6 and final["map_at_r"] > 0.365
     for key, value in weights["plain"].items():
         np.testing.assert_allclose(weights["cached"][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("micro_batches", [2, 5])
+def test_cached_clip_step_trains_logit_scale_as_the_full_batch(micro_batches: int) -> None:
+    """Clip through the cache: the towers and the model's logit_scale get the full-batch gradients."""
+    gen = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(encoder="mlp", hidden_dims=[16], embedding_dim=8), InputSpec("vector", (12,)))
+    model.add_logit_scale(2.0)
+    batch = _pairs_batch(10, gen)
+    objective = MetricObjective(LossConfig(name="clip", chunk_entries=30), MiningConfig(name="none"), Collective())
+    reference = embed_batch(model, batch, "pairs", torch.device("cpu"), torch.float32)
+    expected = objective(reference.embeddings, reference.labels, reference.explicit, logit_scale=model.logit_scale)
+    expected.local_share.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    assert model.logit_scale is not None and float(model.logit_scale.grad) != 0.0
+    model.zero_grad()
+
+    out = cached_step(EngineStandIn(model), batch, "pairs", torch.device("cpu"), torch.float32, objective,
+                      micro_batches, 1)
+    torch.testing.assert_close(out.loss, expected.loss)
+    for got, want in zip((p.grad for p in model.parameters()), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

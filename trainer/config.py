@@ -214,6 +214,8 @@ class LossConfig(Section):
     """Multi-similarity: weight of negative pairs."""
     base: float = 0.5
     """Multi-similarity: similarity offset."""
+    clip_temperature: float = Field(0.07, ge=0.01, le=100.0)
+    """Clip: initial temperature; the model learns logit_scale = log(1/T), used clamped to ≤ log(100) (T ≥ 0.01)."""
     chunk_entries: int = Field(2**22, ge=1)
     """Anchor × reference entries per chunk of loss + mining: bounds their memory whatever the global batch."""
 
@@ -323,8 +325,6 @@ class DistConfig(Section):
     """Collective timeout, after which a stuck worker fails instead of hanging."""
     max_failures: int = Field(0, ge=-1)
     """Ray: worker-group restarts after a worker dies (-1: unlimited); each restart resumes the newest checkpoint."""
-    clip_temperature: float = Field(0.07, ge=0.01, le=100.0)
-    """Clip: initial temperature; the model learns logit_scale = log(1/T), used clamped to ≤ log(100) (T ≥ 0.01)."""
 
     @field_validator("deepspeed")
     @classmethod
@@ -364,6 +364,9 @@ class EvalConfig(Section):
 
     every_steps: int = Field(0, ge=0)
     """Evaluate every N steps (0: only at the end)."""
+    at_start: bool = True
+    """Evaluate once before the first step (`step: 0` in metrics.jsonl): the baseline a run's gains are measured
+    from (not repeated on resume)."""
     recall_k: int = Field(10, ge=1)
     """K of recall@K."""
     batch_size: int = Field(512, ge=1)
@@ -487,9 +490,6 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 
 
 def read_yaml(source: Path) -> dict[str, Any]:
-    at_start: bool = True
-    """Evaluate once before the first step (`step: 0` in metrics.jsonl): the baseline a run's gains are measured
-    from (not repeated on resume)."""
     """Parse a recipe file into a mapping, with errors that name the file."""
     if not source.is_file():
         raise ConfigError(f"{source}: config file not found")

@@ -1,5 +1,5 @@
-"""Evaluation metrics of embeddings: retrieval (P@1, MAP@R, R-precision, recall@K), verification (ROC-AUC, EER,
-best-threshold accuracy) and triplet accuracy.
+"""Evaluation metrics of embeddings: retrieval (P@1, MAP@R, R-precision, recall@K), query→document retrieval on
+pairs (R@1, R@5, R@K, MRR@K, nDCG@K), verification (ROC-AUC, EER, best-threshold accuracy) and triplet accuracy.
 
 Plain functions of tensors, no ranks. Retrieval is exact and never builds an N×N matrix: every item queries all
 the others through a faiss flat inner-product index (exact k-NN by cosine similarity), a block of queries at a
@@ -8,11 +8,17 @@ index plus one block of neighbours, whatever N. The queries can be split into eq
 (`retrieval_scores(..., share=, shares=)`), one per worker; the per-query scores of all shares, in share
 order, summarise (`summarize_retrieval`) to exactly what one process computes. The definitions are those of
 pytorch-metric-learning's `AccuracyCalculator` (the reference implementation of MAP@R; a test compares them).
+Pair retrieval follows sentence-transformers' InformationRetrievalEvaluator (a test compares them): each distinct
+query (by content) with at least one relevant document searches every distinct document; recall@k is the
+fraction of the query's relevant documents in its top k, MRR@k the reciprocal rank of the first relevant one
+within k, nDCG@k binary-relevance DCG over the ideal DCG of its relevant documents; means over queries.
 A metric that is undefined for the given data (no query with a same-label item, a single verification class)
 is left out of the returned dict rather than reported as NaN, which JSON lines and W&B handle badly.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -94,6 +100,12 @@ class CosineIndex:
         self.vectors = F.normalize(embeddings.detach().to("cpu", torch.float32), dim=1).contiguous().numpy()
         self.index = faiss.IndexFlatIP(self.vectors.shape[1])
         self.index.add(self.vectors)
+
+    def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """The k nearest items [Q, k] of each query vector (L2-normalised here), nearest first."""
+        vectors = F.normalize(queries.detach().to("cpu", torch.float32), dim=1).contiguous().numpy()
+        _, found = self.index.search(vectors, k)
+        return torch.as_tensor(found)
 
     def others(self, block: range, k: int) -> torch.Tensor:
         """The k nearest other items [len(block), k] of the items in `block`, nearest first.
@@ -209,3 +221,96 @@ def triplet_from_scores(positive_scores: np.ndarray, negative_scores: np.ndarray
         return {"num_triplets": 0.0}
     accuracy = float(np.mean(positive_scores > negative_scores))
     return {"triplet_accuracy": accuracy, "num_triplets": float(len(positive_scores))}
+
+
+def pair_retrieval_names(recall_k: int) -> tuple[str, ...]:
+    """Column names of `pair_retrieval_scores`: recall at 1, 5 and `recall_k`, MRR and nDCG at `recall_k`."""
+    recalls = tuple(dict.fromkeys((1, 5, recall_k)))
+    return (*(f"recall_at_{k}" for k in recalls), f"mrr_at_{recall_k}", f"ndcg_at_{recall_k}")
+
+
+@dataclass
+class RetrievalTask:
+    """Distinct queries and documents of a pair split, and which documents each query is paired with as similar."""
+
+    query_rows: torch.Tensor
+    """Row (among the split's query-side items) of each distinct query with a relevant document, by content id."""
+    document_rows: torch.Tensor
+    """Row (among the document-side items) of each distinct document."""
+    relevant: torch.Tensor
+    """Sorted keys query position × len(document_rows) + document position of every relevant pair (unique)."""
+    relevant_counts: torch.Tensor
+    """Number of relevant documents of each query."""
+
+
+def retrieval_task(query_content: torch.Tensor, document_content: torch.Tensor,
+                   similar: torch.Tensor) -> RetrievalTask:
+    """Deduplicate a pair split by content: item i of the query side was paired with item i of the document side,
+    a relevant pair when `similar[i]`. Queries without a relevant document are left out (as sentence-transformers
+    does); every distinct document stays in the corpus."""
+    query_ids, query_of_item, query_first = _distinct(query_content)
+    _, document_of_item, document_first = _distinct(document_content)
+    pairs = similar.detach().cpu().bool()
+    keys = torch.unique(query_of_item[pairs] * len(document_first) + document_of_item[pairs])
+    queries, counts = torch.unique(keys // len(document_first), return_counts=True)
+    position = torch.full((len(query_ids),), -1, dtype=torch.long)
+    position[queries] = torch.arange(len(queries))
+    width = len(document_first)
+    relevant = torch.sort(position[keys // width] * width + keys % width).values
+    return RetrievalTask(query_first[queries], document_first, relevant, counts)
+
+
+def pair_retrieval_scores(queries: torch.Tensor, documents: torch.Tensor, task: RetrievalTask, recall_k: int = 10,
+                          *, share: int = 0, shares: int = 1) -> torch.Tensor:
+    """Per-query scores [Q, len(pair_retrieval_names) + 1] (float64; the last column 1.0 marks a scored query) of
+    share `share` of `shares` of the task's queries, each searching all its documents by cosine similarity.
+    `queries` and `documents` are the embeddings of the split's query-side and document-side items. As in
+    `retrieval_scores`, the shares are runs of whole query blocks, so the shares concatenated equal `shares=1`."""
+    names = pair_retrieval_names(recall_k)
+    num_documents = len(task.document_rows)
+    k = min(max(recall_k, 5), num_documents)
+    blocks = query_blocks(len(task.query_rows), k)
+    mine = blocks[len(blocks) * share // shares : len(blocks) * (share + 1) // shares]
+    if not mine or k == 0:
+        return torch.zeros((0, len(names) + 1), dtype=torch.float64)
+    index = CosineIndex(documents[task.document_rows])
+    parts = []
+    for block in mine:
+        positions = torch.arange(block.start, block.stop)
+        found = index.search(queries[task.query_rows[block.start : block.stop]], k)
+        hits = torch.isin(positions[:, None] * num_documents + found, task.relevant)  # [B, k], nearest first
+        count = task.relevant_counts[block.start : block.stop].double()
+        columns = [hits[:, :cutoff].sum(dim=1).double() / count for cutoff in
+                   dict.fromkeys((1, 5, recall_k))]
+        within = hits[:, :recall_k]
+        ranks = torch.arange(1, within.shape[1] + 1, dtype=torch.float64)
+        first = torch.where(within.any(dim=1), 1.0 / ranks[within.double().argmax(dim=1)], 0.0)
+        discount = 1.0 / torch.log2(ranks + 1.0)
+        ideal = torch.cumsum(discount, 0)[count.clamp(max=len(discount)).long() - 1]
+        ndcg = (within.double() * discount).sum(dim=1) / ideal
+        parts.append(torch.stack([*columns, first, ndcg, torch.ones(len(block), dtype=torch.float64)], dim=1))
+    return torch.cat(parts)
+
+
+def summarize_pair_retrieval(scores: torch.Tensor, recall_k: int, prefix: str) -> dict[str, float]:
+    """Mean per-query scores as `<prefix>/<metric>`, plus `<prefix>/num_queries`; only num_queries without one."""
+    table = scores.detach().to("cpu", torch.float64).numpy()
+    metrics = {f"{prefix}/{name}": float(np.mean(table[:, column]))
+               for column, name in enumerate(pair_retrieval_names(recall_k))} if len(table) else {}
+    return {**metrics, f"{prefix}/num_queries": float(len(table))}
+
+
+def pair_retrieval_metrics(queries: torch.Tensor, query_content: torch.Tensor, documents: torch.Tensor,
+                           document_content: torch.Tensor, similar: torch.Tensor, recall_k: int = 10,
+                           prefix: str = "retrieval_a2b") -> dict[str, float]:
+    """Query→document retrieval on one process: `pair_retrieval_scores` of the whole task, summarised."""
+    task = retrieval_task(query_content, document_content, similar)
+    return summarize_pair_retrieval(pair_retrieval_scores(queries, documents, task, recall_k), recall_k, prefix)
+
+
+def _distinct(content: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distinct content ids (sorted), each item's position among them, and the first item holding each."""
+    ids, inverse = torch.unique(content.detach().cpu(), return_inverse=True)
+    rows = torch.arange(len(inverse))
+    first = torch.full((len(ids),), len(inverse), dtype=torch.long).scatter_reduce(0, inverse, rows, "amin")
+    return ids, inverse, first

@@ -69,7 +69,7 @@ def cached_step(engine, batch: dict, kind: str, device: torch.device, dtype: tor
             replayed = embed_views(engine, sample_rows(batch, start, stop), kind, device, dtype)
         target = embedding_grads[:, start:stop].reshape(replayed.shape).to(replayed.dtype)
         surrogate = (replayed * target).sum()
-        if scale_grad and scale_grad[0] is not None:
+        if logit_scale is not None and scale_grad and scale_grad[0] is not None:
             surrogate = surrogate + (logit_scale * scale_grad.pop()).sum()
         engine.backward(surrogate, scale_wrt_gas=False)
     return out

@@ -1,5 +1,5 @@
-"""Held-out evaluation of a model on a shard split: retrieval for labeled items, verification for pairs,
-triplet accuracy for triplets.
+"""Held-out evaluation of a model on a shard split: retrieval for labeled items, verification and query→document
+retrieval in both directions for pairs (`retrieval_a2b/…`, `retrieval_b2a/…`), triplet accuracy for triplets.
 
 Every worker takes part: each embeds its own contiguous share of the split (`eval_batches(rank=, world_size=)`),
 the shares are gathered in rank order (so every worker holds the split in index order), and each worker scores
@@ -10,7 +10,7 @@ number of workers, and none waits in a collective while another embeds the whole
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,10 +19,13 @@ from trainer.data.formats import KIND_VIEWS
 from trainer.data.preprocess import Preprocessor
 from trainer.data.shardsets import open_data
 from trainer.data.stream import eval_batches
-from trainer.engine.step import TOWER_SIDE, move_inputs
+from trainer.engine.step import TOWER_SIDE, content_ids, move_inputs
 from trainer.evaluation import (
     cosine_scores,
+    pair_retrieval_scores,
     retrieval_scores,
+    retrieval_task,
+    summarize_pair_retrieval,
     summarize_retrieval,
     triplet_from_scores,
     verification_from_scores,
@@ -39,6 +42,8 @@ class EmbeddedShare:
     embeddings: dict[str, torch.Tensor]
     labels: dict[str, torch.Tensor]
     similar: torch.Tensor | None
+    content: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Pairs: content ids of each view's items (equal data, equal id), to deduplicate retrieval queries/documents."""
 
 
 @torch.no_grad()
@@ -54,6 +59,7 @@ def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config, device: tor
     # From the index, not from the batches: a rank with an empty share must still take part in every gather.
     labels: dict[str, list[torch.Tensor]] = {view: [] for view in KIND_VIEWS[kind]} if index.labels else {}
     similar: list[torch.Tensor] = []
+    content: dict[str, list[torch.Tensor]] = {view: [] for view in KIND_VIEWS[kind]}
     was_training = model.training
     model.eval()
     try:
@@ -62,6 +68,9 @@ def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config, device: tor
             for view in KIND_VIEWS[kind]:
                 inputs = move_inputs(batch["views"][view], device, dtype)
                 embedded[view].append(model(inputs, TOWER_SIDE[view]).float().cpu())
+                if kind == "pairs":  # hashed from the member bytes by the stream; else from the decoded inputs
+                    given = batch.get("content")
+                    content[view].append(given[view] if given else content_ids(batch["views"][view]))
             for view, value in batch.get("labels", {}).items():
                 labels[view].append(value)
             if "similar" in batch:
@@ -70,7 +79,8 @@ def embed_split(model: torch.nn.Module, shard_dir: str, cfg: Config, device: tor
         model.train(was_training)
     return EmbeddedShare(kind, {v: _rows(t, torch.float32) for v, t in embedded.items()},
                          {v: _rows(t, torch.int64) for v, t in labels.items()},
-                         _rows(similar, torch.float32) if kind == "pairs" else None)
+                         _rows(similar, torch.float32) if kind == "pairs" else None,
+                         {v: _rows(t, torch.int64) for v, t in content.items()} if kind == "pairs" else {})
 
 
 def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, shard_dir: str | None = None,
@@ -87,7 +97,8 @@ def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, shard_di
         assert share.similar is not None
         scores = _gather_rows(collective, torch.from_numpy(cosine_scores(share.embeddings["a"], share.embeddings["b"])))
         similar = _gather_rows(collective, share.similar)
-        return verification_from_scores(scores.numpy(), similar.numpy())
+        return {**verification_from_scores(scores.numpy(), similar.numpy()),
+                **pair_retrieval(share, similar, cfg.eval.recall_k, collective)}
     if share.kind == "triplets":
         anchor = share.embeddings["anchor"]
         positive = _gather_rows(collective, torch.from_numpy(cosine_scores(anchor, share.embeddings["positive"])))
@@ -102,6 +113,22 @@ def evaluate(model: torch.nn.Module, cfg: Config, device: torch.device, shard_di
     scores = retrieval_scores(embeddings, labels, cfg.eval.recall_k, share=collective.rank,
                               shares=collective.world_size)
     return summarize_retrieval(_gather_rows(collective, scores))
+
+
+def pair_retrieval(share: EmbeddedShare, similar: torch.Tensor, recall_k: int,
+                   collective: Collective) -> dict[str, float]:
+    """Both directions of query→document retrieval on a pair split: `retrieval_a2b/…` (each distinct a queries
+    every distinct b) and `retrieval_b2a/…`; every worker scores its share of the queries (see the module doc)."""
+    embeddings = {view: _gather_rows(collective, share.embeddings[view]) for view in ("a", "b")}
+    content = {view: _gather_rows(collective, share.content[view]) for view in ("a", "b")}
+    metrics: dict[str, float] = {}
+    for query, document in (("a", "b"), ("b", "a")):
+        task = retrieval_task(content[query], content[document], similar)
+        scores = pair_retrieval_scores(embeddings[query], embeddings[document], task, recall_k,
+                                       share=collective.rank, shares=collective.world_size)
+        metrics.update(summarize_pair_retrieval(_gather_rows(collective, scores), recall_k,
+                                                f"retrieval_{query}2{document}"))
+    return metrics
 
 
 def _rows(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The training loop of one worker: stream → towers → global objective → DeepSpeed step, with eval and
-checkpoint cadences (an evaluation of the starting model at step 0 unless `eval.at_start` is off). Rank-0 roles gate only I/O (progress, metrics files, W&B); every rank takes part in
-every collective, DeepSpeed's checkpoint save included.
+checkpoint cadences (and an evaluation of the starting model at step 0, unless `eval.at_start` is off).
+Rank-0 roles gate only I/O (progress, metrics files, W&B); every rank takes part in every collective,
+DeepSpeed's checkpoint save included.
 
 Each step ends with one small all-reduce of two flags, so that every rank takes the same decision at the same
 step: whether the step was non-finite on any rank (then it is skipped or the run stops, `optim.nonfinite`) and

@@ -82,6 +82,19 @@ class EmbeddingModel(nn.Module):
         super().__init__()
         self.tower_a = tower_a
         self.tower_b = tower_b
+        self.logit_scale: nn.Parameter | None
+        self.register_parameter("logit_scale", None)  # loss.name=clip's learnable temperature, see add_logit_scale
+
+    def add_logit_scale(self, value: float) -> None:
+        """Give the model CLIP's learnable logit_scale (log of the inverse temperature), trained, checkpointed and
+        exported with the towers; embedding never uses it."""
+        self.logit_scale = nn.Parameter(torch.tensor(float(value)))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # An exported clip model carries logit_scale; a model rebuilt from its config gets the parameter here.
+        if self.logit_scale is None and prefix + "logit_scale" in state_dict:
+            self.add_logit_scale(0.0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def is_siamese(self) -> bool:

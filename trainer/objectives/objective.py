@@ -16,16 +16,21 @@ negative); explicit tuples index the local batch. With `mining.name: none`, SupC
 negatives to explicit tuples: every reference of the global batch (and memory) that is not a positive of the
 anchor (its class, its explicit positives, their content) — how text and image–text embeddings are trained.
 Labels of pairs and triplets are [N, 2]: (class id, content id), so duplicates of an item are never negatives.
+
+`loss.name: clip` takes its own path (clip.py): CLIP's symmetric loss over the a and b sides of pair batches,
+with the model's learnable logit_scale; same gather, same memory bank, same exactness.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from trainer.config import LossConfig, MiningConfig
+from trainer.objectives.clip import ClipLoss
 from trainer.objectives.gather import Collective
 from trainer.objectives.memory import MemoryBank
 from trainer.objectives.selection import (
@@ -82,6 +87,9 @@ class MetricObjective:
     def __init__(self, loss_cfg: LossConfig, mining_cfg: MiningConfig, collective: Collective,
                  memory: MemoryBank | None = None) -> None:
         self.loss = BlockLoss(loss_cfg)
+        self.clip = ClipLoss(loss_cfg.chunk_entries) if loss_cfg.name == "clip" else None
+        self.clip_logit_scale = math.log(1.0 / loss_cfg.clip_temperature)
+        """logit_scale of clip when the caller passes none (a model without the parameter): fixed, not learned."""
         self.mining_cfg = mining_cfg
         self.chunk_entries = loss_cfg.chunk_entries
         self.collective = collective
@@ -90,10 +98,12 @@ class MetricObjective:
         """The last call's gathered batch, waiting for `commit_memory` (the step was kept) or `discard_memory`."""
 
     def __call__(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                 explicit: IndexTuple | None = None) -> ObjectiveOutput:
+                 explicit: IndexTuple | None = None, logit_scale: torch.Tensor | None = None) -> ObjectiveOutput:
         """Loss of `embeddings` (local rows) with `labels` ([N] class ids, or [N, 2] class and content ids);
-        `explicit` tuples index the local batch."""
+        `explicit` tuples index the local batch; `logit_scale` is the model's (clip only, else ignored)."""
         embeddings = embeddings.float()
+        if self.clip is not None:
+            return self._clip(embeddings, labels, explicit, logit_scale)
         gathered = self.collective.gather_with_grad(embeddings)
         gathered_labels = self.collective.gather(labels)
         references, reference_labels = gathered, gathered_labels
@@ -125,6 +135,28 @@ class MetricObjective:
             self.pending = (gathered.detach(), gathered_labels)
         loss = results.pop("loss")
         return ObjectiveOutput(share, loss, {name: float(value) for name, value in results.items()})
+
+    def _clip(self, embeddings: torch.Tensor, labels: torch.Tensor, explicit: IndexTuple | None,
+              logit_scale: torch.Tensor | None) -> ObjectiveOutput:
+        """CLIP's loss (clip.py) of a local pair batch [a; b]; the memory banks each row with its side."""
+        assert self.clip is not None
+        if explicit is None or len(explicit) != 4 or labels.dim() != 2:
+            raise ValueError("loss.name: clip needs pair shards (explicit (a, b) pairs and [N, 2] labels)")
+        gathered = self.collective.gather_with_grad(embeddings)
+        gathered_labels = self.collective.gather(labels)
+        batch = len(embeddings) // 2
+        sides = (torch.arange(len(gathered), device=labels.device) // batch) % 2
+        banked = (self.memory.embeddings, self.memory.labels) if self.memory is not None and self.memory.ready \
+            else None
+        if logit_scale is None:
+            logit_scale = embeddings.new_tensor(self.clip_logit_scale)
+        share, stats = self.clip(embeddings, gathered, labels, gathered_labels, explicit[0], self.collective.rank,
+                                 logit_scale, self.collective.sum, banked)
+        share = share + 0.0 * gathered.sum()  # keep the gather's collective backward in every worker's graph
+        if self.memory is not None:
+            self.pending = (gathered.detach(), torch.cat([gathered_labels, sides[:, None]], dim=1))
+        loss = torch.tensor(stats.pop("loss"), device=embeddings.device)
+        return ObjectiveOutput(share, loss, stats)
 
     def commit_memory(self) -> None:
         """Enqueue the last call's global batch into the cross-batch memory: the step was kept on every rank.

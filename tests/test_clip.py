@@ -1,0 +1,235 @@
+"""`loss.name: clip`: CLIP's symmetric InfoNCE with a learnable temperature, against brute force.
+
+The reference is plain torch cross-entropy on the whole (pairs × pairs) logit matrix: open_clip's formula when
+every pair is similar and nothing repeats, the same with the excluded candidates masked out otherwise. The
+objective must equal it on one process (chunked or not, with memory) and, in gradients of the towers and of
+logit_scale, on 2 and 3 real gloo processes each holding a slice of the pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from spawned import run_ranks
+
+from trainer import config
+from trainer.config import LossConfig, MiningConfig
+from trainer.errors import ConfigError
+from trainer.objectives.gather import Collective, ProcessGroupCollective
+from trainer.objectives.memory import MemoryBank
+from trainer.objectives.objective import MetricObjective
+
+PAIRS, DIM = 12, 5
+
+
+class TwoTowers(torch.nn.Module):
+    """Two linear towers and CLIP's logit_scale: a pseudo-Siamese model in miniature."""
+
+    def __init__(self, seed: int, logit_scale: float = math.log(1 / 0.07)) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.tower_a, self.tower_b = torch.nn.Linear(DIM, 4), torch.nn.Linear(DIM, 4)
+        with torch.no_grad():
+            for param in [*self.tower_a.parameters(), *self.tower_b.parameters()]:
+                param.copy_(torch.randn(param.shape, generator=gen))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(logit_scale))
+
+    def embed(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.normalize(self.tower_a(a), dim=1), F.normalize(self.tower_b(b), dim=1)
+
+
+def make_pairs(case: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Inputs and labels of PAIRS pairs. `plain`: all similar, all distinct (open_clip's setting); `duplicates`:
+    dissimilar pairs, items repeated across the batch (and across ranks), a class shared by several pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(PAIRS, DIM, generator=gen), torch.randn(PAIRS, DIM, generator=gen)
+    similar = torch.ones(PAIRS, dtype=torch.bool)
+    pair = torch.arange(PAIRS)
+    class_a, class_b = 2 * pair, 2 * pair
+    content_a, content_b = 1000 + pair, 2000 + pair
+    if case == "duplicates":
+        similar[[3, 8]] = False
+        class_b[similar.logical_not()] += 1
+        for source, copy in ((0, 11), (5, 6)):  # one image in two pairs: (q, d1), (q, d2)
+            a[copy], content_a[copy] = a[source], content_a[source]
+        for source, copy in ((1, 10), (4, 9)):  # one caption in two pairs
+            b[copy], content_b[copy] = b[source], content_b[source]
+        class_a[7], class_b[7] = class_a[2], class_b[2]  # pairs 2 and 7 of one class: not each other's negatives
+    return {"a": a, "b": b, "similar": similar, "labels_a": torch.stack([class_a, content_a], dim=1),
+            "labels_b": torch.stack([class_b, content_b], dim=1)}
+
+
+def reference_loss(model: TwoTowers, data: dict[str, torch.Tensor],
+                   memory: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Brute force on the whole matrix: F.cross_entropy over rows and over columns of the masked logits."""
+    emb_a, emb_b = model.embed(data["a"], data["b"])
+    la, lb = data["labels_a"], data["labels_b"]
+    mem_a = mem_b = torch.zeros(0, emb_a.shape[1])
+    mem_la = mem_lb = torch.zeros(0, 2, dtype=torch.long)
+    if memory is not None:
+        mem_a, mem_la, mem_b, mem_lb = memory
+    scale = model.logit_scale.clamp(max=math.log(100)).exp()
+    sim = data["similar"]
+    target = torch.arange(PAIRS)
+
+    def direction(anchors, anchor_labels, candidates, candidate_labels):
+        logits = scale * anchors @ torch.cat([candidates[:PAIRS], candidates[PAIRS:]]).T
+        target_content = candidate_labels[:PAIRS, 1]
+        allowed = ((candidate_labels[None, :, 0] != anchor_labels[:, None, 0])
+                   & (candidate_labels[None, :, 1] != anchor_labels[:, None, 1])
+                   & (candidate_labels[None, :, 1] != target_content[:, None]))
+        allowed[target, target] = True
+        logits = logits.masked_fill(~allowed, -torch.inf)
+        return F.cross_entropy(logits[sim], target[sim], reduction="sum")
+
+    rows = direction(emb_a, la, torch.cat([emb_b, mem_b]), torch.cat([lb, mem_lb]))
+    columns = direction(emb_b, lb, torch.cat([emb_a, mem_a]), torch.cat([la, mem_la]))
+    return (rows + columns) / (2 * sim.sum())
+
+
+def open_clip_loss(model: TwoTowers, data: dict[str, torch.Tensor]) -> torch.Tensor:
+    """open_clip's ClipLoss on one process: (CE(logits, arange) + CE(logitsᵀ, arange)) / 2."""
+    emb_a, emb_b = model.embed(data["a"], data["b"])
+    logits = model.logit_scale.clamp(max=math.log(100)).exp() * emb_a @ emb_b.T
+    target = torch.arange(PAIRS)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def local_batch(model: TwoTowers, data: dict[str, torch.Tensor], rows: slice
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """A worker's batch as the trainer lays it out: [a; b] embeddings, [N, 2] labels, explicit pair tuples."""
+    emb_a, emb_b = model.embed(data["a"][rows], data["b"][rows])
+    similar = data["similar"][rows]
+    first = torch.arange(len(similar))
+    explicit = (first[similar], first[similar] + len(first), first[~similar], first[~similar] + len(first))
+    return torch.cat([emb_a, emb_b]), torch.cat([data["labels_a"][rows], data["labels_b"][rows]]), explicit
+
+
+def clip_objective(chunk_entries: int = 2**22, collective: Collective | None = None,
+                   memory: MemoryBank | None = None) -> MetricObjective:
+    return MetricObjective(LossConfig(name="clip", chunk_entries=chunk_entries), MiningConfig(name="none"),
+                           collective or Collective(), memory)
+
+
+def grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("case", ["plain", "duplicates"])
+@pytest.mark.parametrize("chunk_entries", [2**22, 7, 1])
+def test_one_process_equals_brute_force(case: str, chunk_entries: int) -> None:
+    data = make_pairs(case)
+    model = TwoTowers(seed=1)
+    expected = reference_loss(model, data)
+    if case == "plain":  # the masked reference is open_clip's loss where nothing is masked
+        torch.testing.assert_close(expected, open_clip_loss(model, data))
+    expected.backward()
+    expected_grads = grads(model)
+    model.zero_grad()
+    embeddings, labels, explicit = local_batch(model, data, slice(None))
+    out = clip_objective(chunk_entries)(embeddings, labels, explicit, logit_scale=model.logit_scale)
+    out.local_share.backward()
+    torch.testing.assert_close(out.loss, expected.detach())
+    torch.testing.assert_close(out.local_share.detach(), expected.detach())
+    assert model.logit_scale.grad is not None and float(model.logit_scale.grad) != 0.0
+    for got, want in zip(grads(model), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert out.stats["pairs"] == float(data["similar"].sum())
+    assert out.stats["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_duplicates_change_the_loss() -> None:
+    """The masking is not a no-op: counting duplicates and same-class pairs as negatives gives another loss."""
+    data = make_pairs("duplicates")
+    model = TwoTowers(seed=1)
+    embeddings, labels, explicit = local_batch(model, data, slice(None))
+    masked = clip_objective()(embeddings, labels, explicit).loss
+    labels = labels.clone()
+    labels[:, 0] = torch.arange(2 * PAIRS)  # every item its own class
+    labels[:, 1] = torch.arange(2 * PAIRS)  # and its own content
+    assert abs(float(clip_objective()(embeddings, labels, explicit).loss) - float(masked)) > 1e-3
+
+
+def test_logit_scale_is_clamped_at_log_100() -> None:
+    data = make_pairs("plain")
+    model = TwoTowers(seed=1, logit_scale=math.log(100) + 0.5)
+    embeddings, labels, explicit = local_batch(model, data, slice(None))
+    out = clip_objective()(embeddings, labels, explicit, logit_scale=model.logit_scale)
+    out.local_share.backward()
+    assert out.stats["logit_scale"] == pytest.approx(100.0, rel=1e-5)
+    assert float(model.logit_scale.grad) == 0.0
+    torch.testing.assert_close(out.loss, reference_loss(model, data).detach())
+
+
+def test_cross_batch_memory_adds_banked_rows_of_the_other_side() -> None:
+    """A banked past batch: its b's are candidates of the rows, its a's of the columns (no gradient)."""
+    data, past = make_pairs("duplicates"), make_pairs("plain", seed=5)
+    model = TwoTowers(seed=1)
+    memory = MemoryBank(size=100)
+    objective = clip_objective(chunk_entries=9, memory=memory)
+    with torch.no_grad():
+        objective(*local_batch(model, past, slice(None)))
+    objective.commit_memory()
+    assert memory.labels.shape == (2 * PAIRS, 3) and memory.labels[:, 2].tolist() == [0] * PAIRS + [1] * PAIRS
+    with torch.no_grad():
+        past_a, past_b = model.embed(past["a"], past["b"])
+    expected = reference_loss(model, data, (past_a, past["labels_a"], past_b, past["labels_b"]))
+    expected.backward()
+    expected_grads = grads(model)
+    model.zero_grad()
+    out = objective(*local_batch(model, data, slice(None)), logit_scale=model.logit_scale)
+    out.local_share.backward()
+    torch.testing.assert_close(out.loss, expected.detach())
+    for got, want in zip(grads(model), expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _worker(rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    collective = ProcessGroupCollective()
+    local = PAIRS // world
+    for case in ("plain", "duplicates"):
+        data = make_pairs(case)
+        model = TwoTowers(seed=2)
+        expected = reference_loss(model, data)
+        expected.backward()
+        expected_grads = grads(model)
+        model.zero_grad()
+        embeddings, labels, explicit = local_batch(model, data, slice(rank * local, (rank + 1) * local))
+        out = clip_objective(chunk_entries=10, collective=collective)(embeddings, labels, explicit,
+                                                                      logit_scale=model.logit_scale)
+        (out.local_share * world).backward()
+        for param in model.parameters():  # data-parallel training averages gradients
+            dist.all_reduce(param.grad)
+            param.grad /= world
+        torch.testing.assert_close(out.loss, expected.detach(), msg=lambda m, c=case: f"{c}: {m}")
+        for got, want in zip(grads(model), expected_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, c=case: f"{c}: {m}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_workers_match_one_process_on_the_whole_batch(world: int) -> None:
+    run_ranks(_worker, world)
+
+
+CLIP = ["loss.name=clip", "data.source_kind=pairs"]
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (["mining.name=batch_hard"], "mining.name"),
+    (["loss.distance=euclidean"], "loss.distance"),
+    (["data.source_kind=labeled"], "data.source_kind"),
+    (["loss.clip_temperature=0.001"], "loss.clip_temperature"),
+])
+def test_config_errors_name_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        config.load(None, CLIP + overrides)
+
+
+def test_clip_config_loads() -> None:
+    cfg = config.load(None, [*CLIP, "mining.memory_size=64"])
+    assert cfg.loss.clip_temperature == 0.07
