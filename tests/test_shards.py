@@ -150,6 +150,28 @@ def test_anchor_positive_columns_are_similar_pairs(tmp_path: Path) -> None:
     assert cli.main(["shards", str(tmp_path / "pairs.csv"), "--kind", "triplets", "--out", str(tmp_path / "t")]) == 2
 
 
+def test_image_text_tables_keep_image_bytes_and_captions(tmp_path: Path) -> None:
+    """`image,caption` (paths relative to the table, any sizes and formats): image view a, text view b, similar."""
+    (tmp_path / "photos" / "sub").mkdir(parents=True)
+    sizes = {"photos/red.png": (9, 4), "photos/sub/blue.jpg": (3, 7), "photos/green.png": (5, 5)}
+    for name, size in sizes.items():
+        Image.new("RGB", size, color=name.rsplit("/", 1)[-1].split(".")[0]).save(tmp_path / name)
+    lines = [f"{name},a {name.rsplit('/', 1)[-1].split('.')[0]} square" for name in sizes]
+    (tmp_path / "captions.csv").write_text("image,caption\n" + "\n".join(lines) + "\n")
+    assert cli.main(["shards", str(tmp_path / "captions.csv"), "--kind", "pairs", "--out", str(tmp_path / "s")]) == 0
+    index = read_index(tmp_path / "s")
+    assert index.kind == "pairs" and not index.labels
+    assert index.views["a"] == ViewSpec("png", (3,), ("jpg",)) and index.views["b"] == ViewSpec("txt", None)
+    samples = read_tars(tmp_path / "s", index)
+    by_caption = {s["b.txt"].decode(): s for s in samples.values()}
+    assert set(by_caption) == {"a red square", "a blue square", "a green square"}
+    assert by_caption["a blue square"]["a.jpg"] == (tmp_path / "photos/sub/blue.jpg").read_bytes()  # original bytes
+    assert all(s["similar"] == b"1" for s in samples.values())
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"image": "photos/missing.png", "text": "x"}) + "\n")
+    assert cli.main(["shards", str(tmp_path / "bad.jsonl"), "--kind", "pairs", "--out", str(tmp_path / "b")]) == 2
+    assert not (tmp_path / "b").exists()
+
+
 def test_anchor_positive_negative_columns_as_triplets_or_pairs(tmp_path: Path) -> None:
     """Triplet columns write triplets, or as pairs a similar (anchor, positive) and a dissimilar (anchor,
     negative) pair per row, both in the same split."""

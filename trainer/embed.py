@@ -17,7 +17,8 @@ import torch
 
 from trainer import config
 from trainer.config import Config
-from trainer.data.formats import INDEX_FILE, KIND_VIEWS, TextBatch, hash_ngrams, read_index
+from trainer.data.formats import INDEX_FILE, KIND_VIEWS, ShardIndex, read_index
+from trainer.data.preprocess import HashedTextPreprocessor, Preprocessor, SampleContext, default_preprocessors
 from trainer.data.sources import read_image_folder
 from trainer.data.stream import decode_image, eval_batches
 from trainer.engine.evaluate import evaluate
@@ -103,21 +104,48 @@ def _embed_lines(model: EmbeddingModel, cfg: Config, path: Path, side: str, batc
     lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise DataError(f"{path}: no text lines to embed")
+    preprocessor = side_preprocessors(model, cfg).get(side) or side_preprocessors(model, cfg)["a"]
     parts = []
-    for chunk in _chunks(lines, batch_size):
-        ids = [hash_ngrams(text, cfg.data.text_buckets, cfg.data.text_ngrams) for text in chunk]
-        parts.append(model(TextBatch.collate(ids), side))
+    for start, chunk in enumerate(_chunks(lines, batch_size)):
+        rows = [preprocessor.prepare(text.encode("utf-8"), "txt", SampleContext(f"{start * batch_size + i:08d}"))
+                for i, text in enumerate(chunk)]
+        parts.append(model(preprocessor.collate(rows), side))
     return torch.cat(parts), None, [f"{i:08d}" for i in range(len(lines))]
+
+
+def side_preprocessors(model: EmbeddingModel, cfg: Config) -> dict[str, Preprocessor]:
+    """Per side, the text preprocessing the model was trained with: the exported one (`load_exported` sets
+    `model.preprocessing`), else, for exports that predate it, the run's hashed n-grams."""
+    exported: dict[str, Preprocessor] = dict(getattr(model, "preprocessing", None) or {})
+    hashed = HashedTextPreprocessor(cfg.data.text_buckets, (cfg.data.text_ngrams[0], cfg.data.text_ngrams[1]))
+    return {side: exported.get(side, hashed) for side in ("a", "b")}
+
+
+def shard_preprocessors(model: EmbeddingModel, cfg: Config, index: ShardIndex) -> dict[str, Preprocessor]:
+    """Per view of `index`: the exported preprocessing of the side that reads it where the model recorded one
+    (text views always: a tokenizer or the hashing of the run), else the toy default."""
+    exported: dict[str, Preprocessor] = dict(getattr(model, "preprocessing", None) or {})
+    sides = side_preprocessors(model, cfg)
+    chosen = default_preprocessors(index, cfg.data)
+    for view, spec in index.views.items():
+        side = TOWER_SIDE[view]
+        if spec.ext == "txt":
+            chosen[view] = sides[side]
+        elif side in exported and exported[side].to_dict().get("name") not in ("hashed_text", "tokenizer"):
+            chosen[view] = exported[side]
+    return chosen
 
 
 @torch.no_grad()
 def embed_shards(model: EmbeddingModel, cfg: Config, shard_dir: Path, batch_size: int) -> Rows:
     """Every view of every sample, in index order; keys are `<sample key>/<view>`."""
-    kind = read_index(shard_dir).kind
+    index = read_index(shard_dir)
+    kind = index.kind
     parts: list[torch.Tensor] = []
     labels: list[int] = []
     keys: list[str] = []
-    for batch in eval_batches(shard_dir, cfg.data, batch_size=batch_size):
+    preprocessors = shard_preprocessors(model, cfg, index)
+    for batch in eval_batches(shard_dir, cfg.data, batch_size=batch_size, preprocessors=preprocessors):
         for view in KIND_VIEWS[kind]:
             parts.append(model(batch["views"][view], TOWER_SIDE[view]))
             keys.extend(f"{key}/{view}" for key in batch["keys"])
@@ -137,4 +165,5 @@ def evaluate_exported(model_path: Path, shard_dir: Path | None) -> dict[str, flo
     target = str(shard_dir) if shard_dir is not None else cfg.data.test
     if target is None:
         raise UserError(f"{model_path}: the run has no data.test; pass --data SHARDS")
-    return evaluate(model, cfg, torch.device("cpu"), target)
+    preprocessors = shard_preprocessors(model, cfg, read_index(target))
+    return evaluate(model, cfg, torch.device("cpu"), target, preprocessors=preprocessors)

@@ -81,7 +81,8 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
         return stopped
     assert weights is not None
     export_model(weights, cfg.model, plan.spec_a, plan.spec_b, run_dir / "model",
-                 extra={"text_buckets": cfg.data.text_buckets, "text_ngrams": list(cfg.data.text_ngrams)})
+                 extra={"text_buckets": cfg.data.text_buckets, "text_ngrams": list(cfg.data.text_ngrams)},
+                 preprocessors=plan.preprocessors)
     final = {**loop.last_eval, "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
              "train_samples_per_s": loop.throughput.samples_per_s, "corrupt_samples_skipped": total_corrupt,
              "nonfinite_steps_skipped": state.nonfinite_steps, "wall_s": time.time() - started}

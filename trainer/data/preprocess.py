@@ -147,12 +147,19 @@ def _image_from_dict(raw: dict[str, Any]) -> Preprocessor:
     return ImagePreprocessor.from_dict(raw)
 
 
+def _tokenizer_from_dict(raw: dict[str, Any]) -> Preprocessor:
+    from trainer.data.tokenize import TokenizerPreprocessor  # late: tokenize imports this module
+
+    return TokenizerPreprocessor.from_dict(raw)
+
+
 # `to_dict()["name"]` → rebuild from that dict: how an exported model's preprocessing is restored for inference.
 PREPROCESSOR_BUILDERS: dict[str, Callable[[dict[str, Any]], Preprocessor]] = {
     "array": lambda raw: ArrayPreprocessor(tuple(raw["shape"]) if raw.get("shape") is not None else None),
     "pixels": lambda raw: PixelPreprocessor(tuple(raw["shape"])),  # type: ignore[arg-type]
     "hashed_text": lambda raw: HashedTextPreprocessor(raw["buckets"], tuple(raw["ngrams"])),  # type: ignore[arg-type]
     "image": _image_from_dict,
+    "tokenizer": _tokenizer_from_dict,
 }
 
 

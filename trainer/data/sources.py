@@ -30,7 +30,10 @@ GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 # Column layouts of a text file, tried in this order; the first whose columns are all present wins:
 # (form, the columns it needs, the columns holding its items). `anchor,positive` (sentence-transformers' and
 # CLIP's layout) are similar pairs; `anchor,positive,negative` triplets, which can also be written as pairs.
+# `image,caption` (or `image,text`) are image–text pairs: an image path (relative to the file) and its text.
 TEXT_LAYOUTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("pairs", ("image", "caption"), ("image", "caption")),
+    ("pairs", ("image", "text"), ("image", "text")),
     ("triplets", ("anchor", "positive", "negative"), ("anchor", "positive", "negative")),
     ("pairs", ("a", "b", "similar"), ("a", "b")),
     ("pairs", ("anchor", "positive"), ("anchor", "positive")),
@@ -73,6 +76,8 @@ class Source:
     """Extension and shape shared by every item."""
     similar: list[bool] = field(default_factory=list)
     """Per record similarity flag (pairs only)."""
+    view_specs: tuple[ViewSpec, ...] = ()
+    """Per position of a record, where its items differ (image–text pairs: image, then text); empty: `spec`."""
 
     @property
     def labeled(self) -> bool:
@@ -194,8 +199,9 @@ def _image_header(path: Path) -> tuple[int, int, str, bool]:
 
 
 def read_text_file(path: Path) -> Source:
-    """A .csv or .jsonl file of labeled texts (text,label), pairs (a,b,similar or anchor,positive) or triplets
-    (anchor,positive,negative)."""
+    """A .csv or .jsonl file of labeled texts (text,label), pairs (a,b,similar or anchor,positive), triplets
+    (anchor,positive,negative), or image–text pairs (image,caption or image,text; image paths relative to the
+    file)."""
     rows = list(_csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path))
     if not rows:
         raise DataError(f"{path}: no records")
@@ -208,10 +214,17 @@ def read_text_file(path: Path) -> Source:
     label_columns = _label_columns(path, form, views, columns)
     records, similar = [], []
     for line, row in rows:
-        records.append(tuple(_text_item(path, line, row, view, label) for view, label in label_columns))
+        records.append(tuple(_image_item(path, line, row, view, label) if view == "image" else
+                             _text_item(path, line, row, view, label) for view, label in label_columns))
         if form == "pairs":  # anchor,positive: every pair is similar
             similar.append(_flag(path, line, _field(path, line, row, "similar")) if "similar" in needed else True)
-    return Source(str(path), form, records, ViewSpec("txt", None), similar)
+    if views[0] != "image":
+        return Source(str(path), form, records, ViewSpec("txt", None), similar)
+    images = [record[0] for record in records]
+    counts = Counter(item.ext for item in images)
+    exts = sorted(counts, key=lambda ext: (-counts[ext], ext))
+    image_spec = ViewSpec(exts[0], _image_folder_shape([item.path for item in images if item.path]), tuple(exts[1:]))
+    return Source(str(path), form, records, image_spec, similar, view_specs=(image_spec, ViewSpec("txt", None)))
 
 
 def _label_columns(path: Path, form: str, views: tuple[str, ...], columns: set[str]) -> list[tuple[str, str | None]]:
@@ -231,6 +244,22 @@ def _text_item(path: Path, line: int, row: dict[str, object], column: str, label
         raise DataError(f"{path}:{line}: column {column!r} must be a text, got {text!r}")
     label = _integer(path, line, label_column, _field(path, line, row, label_column)) if label_column else None
     return Item("txt", label, data=text.encode("utf-8"))
+
+
+def _image_item(path: Path, line: int, row: dict[str, object], column: str, label_column: str | None) -> Item:
+    """An image named by a path relative to the table (or absolute); read when its shard is written."""
+    name = _field(path, line, row, column)
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f"{path}:{line}: column {column!r} must be an image path, got {name!r}")
+    image = (path.parent / name.strip()).resolve()
+    ext = IMAGE_SUFFIXES.get(image.suffix.lower())
+    if ext is None:
+        raise DataError(f"{path}:{line}: {name}: not an image file name (expected "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    if not image.is_file():
+        raise DataError(f"{path}:{line}: image {name} not found (paths are relative to {path.parent})")
+    label = _integer(path, line, label_column, _field(path, line, row, label_column)) if label_column else None
+    return Item(ext, label, path=image)
 
 
 def _field(path: Path, line: int, row: dict[str, object], column: str) -> object:

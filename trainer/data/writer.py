@@ -176,14 +176,18 @@ class ClassIndex:
 
 def _write_split(directory: Path, data: Source, kind: str, tuples: Iterable[Tuple], samples_per_shard: int,
                  split: str | None) -> ShardIndex:
-    return write_tuples(directory, kind, tuples, data.spec, labeled=data.labeled, num_classes=data.num_classes(),
+    return write_tuples(directory, kind, tuples, data.view_specs or data.spec, labeled=data.labeled,
+                        num_classes=data.num_classes(),
                         samples_per_shard=samples_per_shard, split=split, source=data.name)
 
 
-def write_tuples(directory: Path, kind: str, tuples: Iterable[Tuple], spec: ViewSpec, *, labeled: bool,
+def write_tuples(directory: Path, kind: str, tuples: Iterable[Tuple], spec: ViewSpec | tuple[ViewSpec, ...], *,
+                 labeled: bool,
                  num_classes: int | None, samples_per_shard: int, split: str | None = None,
                  source: str = "") -> ShardIndex:
-    """Write `tuples` (consumed one shard at a time) as `kind` shards in `directory`, then its index.json."""
+    """Write `tuples` (consumed one shard at a time) as `kind` shards in `directory`, then its index.json.
+
+    `spec` describes every view, or each view in KIND_VIEWS order (image–text pairs)."""
     directory.mkdir(exist_ok=True)
     shards = []
     for number, chunk in enumerate(_chunks(tuples, samples_per_shard)):
@@ -193,7 +197,8 @@ def write_tuples(directory: Path, kind: str, tuples: Iterable[Tuple], spec: View
         shards.append(ShardInfo(name, len(chunk)))
     if not shards:
         raise DataError(f"{source}: the {split or 'whole'} split has no samples")
-    views = {view: spec for view in KIND_VIEWS[kind]}
+    specs = spec if isinstance(spec, tuple) else (spec,) * len(KIND_VIEWS[kind])
+    views = dict(zip(KIND_VIEWS[kind], specs, strict=True))
     index = ShardIndex(kind=kind, views=views, labels=labeled, num_classes=num_classes,
                        shards=tuple(shards), split=split, source=source)
     write_index(directory, index)

@@ -16,6 +16,7 @@ from trainer.data.preprocess import Preprocessor
 from trainer.data.shardsets import open_data
 from trainer.data.stream import plan_epoch
 from trainer.errors import ConfigError
+from trainer.models.params import param_groups
 from trainer.models.towers import EmbeddingModel, InputSpec, build_model, build_preprocessors
 
 
@@ -65,7 +66,9 @@ def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
     total = sum(per_epoch)
     if cfg.optim.max_steps is not None:
         total = min(total, cfg.optim.max_steps)
-    build_model(cfg.model, spec_a, spec_b)  # raises ConfigError for an encoder/modality mismatch
+    # Raises ConfigError for an encoder/modality mismatch, a pretrained model that cannot load, or a
+    # model.freeze / optim.lr_groups pattern that matches no parameter.
+    param_groups(build_model(cfg.model, spec_a, spec_b), cfg.optim.lr, cfg.optim.lr_groups)
     return RunPlan(index.kind, spec_a, spec_b, total, per_epoch[0], build_preprocessors(cfg.model, cfg.data, index))
 
 

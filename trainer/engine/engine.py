@@ -72,8 +72,12 @@ def build_engine(model: torch.nn.Module, cfg: Config, world_size: int, total_ste
     """Wrap `model` in a DeepSpeed engine with AdamW and the configured schedule."""
     import deepspeed
 
+    from trainer.models.params import param_groups
+
     model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    # Trainable parameters only (model.freeze, LoRA), one group per optim.lr_groups pattern.
+    groups = param_groups(model, cfg.optim.lr, cfg.optim.lr_groups)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, world_size, total_steps, device),
         dist_init_required=False,

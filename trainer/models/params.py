@@ -1,0 +1,33 @@
+"""Optimizer parameter groups: trainable parameters only, with a learning rate per name pattern (optim.lr_groups).
+
+Like sentence-transformers' `learning_rate_mapping`: each trainable parameter takes the learning rate of the first
+fnmatch pattern its name matches, the rest `optim.lr`; frozen parameters (model.freeze, LoRA's base weights) are
+left out. DeepSpeed's schedule scales every group's rate by the same warm-up/decay factor.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from torch import nn
+
+from trainer.errors import ConfigError
+
+
+def param_groups(model: nn.Module, lr: float, lr_groups: dict[str, float]) -> list[dict[str, Any]]:
+    """AdamW parameter groups of `model`'s trainable parameters; ConfigError for a pattern that matches none."""
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if not trainable:
+        raise ConfigError("model.freeze: every parameter is frozen; nothing would train")
+    patterns = list(lr_groups)
+    members: dict[str | None, list[nn.Parameter]] = {pattern: [] for pattern in [None, *patterns]}
+    for name, param in trainable:
+        pattern = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        members[pattern].append(param)
+    for pattern in patterns:
+        if not members[pattern]:
+            raise ConfigError(f"optim.lr_groups.{pattern}: matches no trainable parameter (names look like "
+                              f"{trainable[0][0]!r}; earlier patterns take precedence)")
+    groups = [{"params": members[None], "lr": lr}] if members[None] else []
+    return groups + [{"params": members[pattern], "lr": lr_groups[pattern]} for pattern in patterns]
