@@ -18,9 +18,15 @@ import torch
 from trainer import config
 from trainer.config import Config
 from trainer.data.formats import INDEX_FILE, KIND_VIEWS, ShardIndex, read_index
-from trainer.data.preprocess import HashedTextPreprocessor, Preprocessor, SampleContext, default_preprocessors
-from trainer.data.sources import read_image_folder
-from trainer.data.stream import decode_image, eval_batches
+from trainer.data.preprocess import (
+    HashedTextPreprocessor,
+    PixelPreprocessor,
+    Preprocessor,
+    SampleContext,
+    default_preprocessors,
+)
+from trainer.data.sources import Item, read_image_folder
+from trainer.data.stream import eval_batches
 from trainer.engine.evaluate import evaluate
 from trainer.engine.step import TOWER_SIDE
 from trainer.errors import DataError, UserError
@@ -87,17 +93,32 @@ def _expect(spec: InputSpec, modality: str, input_path: Path) -> None:
 
 
 def _embed_images(model: EmbeddingModel, spec: InputSpec, root: Path, side: str, batch_size: int) -> Rows:
+    """An image folder through the side's exported image preprocessing (evaluation transforms: shorter-side resize
+    and centre crop, so photos of any size embed as the model saw them); exports without one take images of the
+    model's fixed size as [0, 1] pixels, as before."""
     source = read_image_folder(root)
-    channels, height, width = spec.shape
-    if tuple(source.spec.shape or ())[1:] != (height, width):
-        raise DataError(f"{root}: images are {source.spec.shape}, the model takes {spec.shape} (C,H,W)")
+    exported = dict(getattr(model, "preprocessing", None) or {})
+    preprocessor = exported.get(side) or exported.get("a")
+    if preprocessor is None or preprocessor.to_dict().get("name") != "image":
+        if tuple(source.spec.shape or ())[1:] != spec.shape[1:]:
+            raise DataError(f"{root}: images are {source.spec.shape}, the model takes {spec.shape} (C,H,W)")
+        preprocessor = PixelPreprocessor((spec.shape[0], spec.shape[1], spec.shape[2]))
     items = [record[0] for record in source.records]
     keys = [str(item.path.relative_to(root)) if item.path else f"{i:08d}" for i, item in enumerate(items)]
     parts = []
-    for chunk in _chunks(items, batch_size):
-        pixels = np.stack([decode_image(item.read(), channels) for item in chunk])
-        parts.append(model(torch.from_numpy(pixels), side))
+    for chunk, chunk_keys in zip(_chunks(items, batch_size), _chunks(keys, batch_size), strict=True):
+        rows = [_prepare_image(preprocessor, item, key) for item, key in zip(chunk, chunk_keys, strict=True)]
+        parts.append(model(preprocessor.collate(rows), side))
     return torch.cat(parts), [int(item.label) for item in items if item.label is not None], keys
+
+
+def _prepare_image(preprocessor: Preprocessor, item: Item, key: str) -> Any:
+    try:
+        return preprocessor.prepare(item.read(), item.ext, SampleContext(key))
+    except DataError:
+        raise
+    except Exception as error:  # any decoder failure: name the file
+        raise DataError(f"{item.path or key}: cannot decode the image ({type(error).__name__}: {error})") from None
 
 
 def _embed_lines(model: EmbeddingModel, cfg: Config, path: Path, side: str, batch_size: int) -> Rows:

@@ -33,9 +33,13 @@ class RunPlan:
     """Per view: how the stream turns its members into model inputs (the model's choice; see preprocess.py)."""
 
 
-def input_spec(index: ShardIndex, view: str, text_buckets: int) -> InputSpec:
-    """The model input of one shard view."""
+def input_spec(index: ShardIndex, view: str, text_buckets: int,
+               preprocessor: Preprocessor | None = None) -> InputSpec:
+    """The model input of one shard view (an image view resized by its preprocessor: [C, size, size])."""
     fmt = index.views[view]
+    output_shape = getattr(preprocessor, "output_shape", None)
+    if output_shape is not None:
+        return InputSpec("image", tuple(output_shape))
     if fmt.ext == "txt":
         return InputSpec("text", (), text_buckets=text_buckets)
     if fmt.ext == "npy":
@@ -54,8 +58,9 @@ def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
     if cfg.loss.name == "clip" and index.kind != "pairs":
         raise ConfigError(f"loss.name: clip needs pair shards (a, b); {cfg.data.train} holds {index.kind} shards — "
                           "use pair shards or another loss.name")
-    spec_a = input_spec(index, views[0], cfg.data.text_buckets)
-    spec_b = input_spec(index, views[1], cfg.data.text_buckets) if len(views) > 1 else None
+    preprocessors = build_preprocessors(cfg.model, cfg.data, index)
+    spec_a = input_spec(index, views[0], cfg.data.text_buckets, preprocessors[views[0]])
+    spec_b = input_spec(index, views[1], cfg.data.text_buckets, preprocessors[views[1]]) if len(views) > 1 else None
     if cfg.data.test is not None:
         test = open_data(cfg.data.test, cfg.data)
         if test.kind != index.kind:
@@ -69,7 +74,7 @@ def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
     # Raises ConfigError for an encoder/modality mismatch, a pretrained model that cannot load, or a
     # model.freeze / optim.lr_groups pattern that matches no parameter.
     param_groups(build_model(cfg.model, spec_a, spec_b), cfg.optim.lr, cfg.optim.lr_groups)
-    return RunPlan(index.kind, spec_a, spec_b, total, per_epoch[0], build_preprocessors(cfg.model, cfg.data, index))
+    return RunPlan(index.kind, spec_a, spec_b, total, per_epoch[0], preprocessors)
 
 
 def build_run_model(cfg: Config, plan: RunPlan) -> EmbeddingModel:

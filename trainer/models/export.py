@@ -203,7 +203,10 @@ def _rebuild(document: dict[str, Any], directory: Path) -> EmbeddingModel:
         inputs = document["inputs"]
         spec_a = InputSpec.from_dict(inputs["a"])
         spec_b = InputSpec.from_dict(inputs["b"]) if inputs.get("b") is not None else None
-        return build_model(cfg, spec_a, spec_b)
+        from trainer.models.module import without_pretrained_weights
+
+        with without_pretrained_weights():  # module towers: every weight comes from the export, not `pretrained`
+            return build_model(cfg, spec_a, spec_b)
     except (KeyError, TypeError, ValueError, ValidationError, ConfigError) as error:
         raise CheckpointError(f"{config_path}: model or input description is invalid ({error})") from None
 
