@@ -233,3 +233,72 @@ def test_config_errors_name_the_key(overrides: list[str], key: str) -> None:
 def test_clip_config_loads() -> None:
     cfg = config.load(None, [*CLIP, "mining.memory_size=64"])
     assert cfg.loss.clip_temperature == 0.07
+
+
+def test_logit_scale_is_a_model_parameter_saved_and_reloaded() -> None:
+    """The towers' model owns logit_scale (so DeepSpeed optimises and checkpoints it); a model rebuilt from its
+    config (export, embed) takes it back from the weights, strictly."""
+    from trainer.config import ModelConfig
+    from trainer.models.towers import InputSpec, build_model
+
+    spec = InputSpec("vector", (DIM,))
+    model = build_model(ModelConfig(hidden_dims=[8], embedding_dim=4), spec)
+    assert model.logit_scale is None and "logit_scale" not in model.state_dict()
+    model.add_logit_scale(math.log(1 / 0.07))
+    assert any(p is model.logit_scale for p in model.parameters())
+    with torch.no_grad():
+        model.logit_scale.fill_(3.5)
+    rebuilt = build_model(ModelConfig(hidden_dims=[8], embedding_dim=4), spec)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert rebuilt.logit_scale is not None and float(rebuilt.logit_scale.detach()) == 3.5
+
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "mirror", "garden", "rocket", "candle", "forest",
+         "bridge", "wallet", "ladder", "pepper", "violin", "castle", "needle", "saddle", "anchor", "harbor",
+         "jacket", "meadow", "tunnel"]
+
+
+@pytest.mark.slow
+def test_clip_trains_two_text_towers_under_torchrun(tmp_path) -> None:
+    """Text pairs (a phrase ↔ its word in capitals: no shared n-gram), two towers, clip with the feature cache on
+    2 torchrun workers: held-out retrieval far above the step-0 baseline, logit_scale learned and exported."""
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    rows = ["a,b,similar"] + [f"{word} {variant},{word.upper()},1" for variant in range(6) for word in WORDS]
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    env = {**__import__("os").environ, "WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, "-m", "launch.cli", "shards", "pairs.csv", "--kind", "pairs", "--out",
+                           "shards", "--test-fraction", "0.25", "--samples-per-shard", "27"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tmp_path / "clip.yaml").write_text(
+        "name: clip\n"
+        "data: {train: shards/train, test: shards/test, batch_size: 12, text_buckets: 4096}\n"
+        "model: {architecture: pseudo_siamese, encoder: text, embedding_dim: 16}\n"
+        "loss: {name: clip}\n"
+        "mining: {name: none}\n"
+        "optim: {epochs: 6, warmup_steps: 2, lr: 0.01, feature_cache: true, gradient_accumulation_steps: 2}\n"
+        "log: {wandb: false}\n")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "trainer.train", "clip.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "runs" / "clip"
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert evals[0]["step"] == 0 and len(evals) == 2
+    start, final = evals[0], evals[-1]
+    # Measured (seed 0) on the 36 held-out pairs: step 0 (untrained towers) a→b R@1 0.056, MRR@10 0.134, b→a
+    # MRR@10 0.138; trained (24 steps) a→b R@1 1.0, b→a MRR@10 1.0 (b→a R@1 0.73: each word has several phrases,
+    # and R@1 counts the share of them found at rank 1).
+    assert start["retrieval_a2b/recall_at_1"] < 0.3 and start["retrieval_b2a/mrr_at_10"] < 0.5, start
+    assert final["retrieval_a2b/recall_at_1"] > 0.8 and final["retrieval_b2a/mrr_at_10"] > 0.8, final
+    weights = load_file(str(run / "model" / "model.safetensors"))
+    assert abs(float(weights["logit_scale"]) - math.log(1 / 0.07)) > 1e-3  # learned, and exported with the towers
+    (tmp_path / "words.txt").write_text("APPLE\nRIVER\n")
+    done = subprocess.run([sys.executable, "-m", "launch.cli", "embed", "runs/clip", "words.txt", "--out", "w.npz",
+                           "--side", "b"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]  # the exported model (with logit_scale) loads for inference

@@ -53,7 +53,7 @@ def test_default_recipe_trains_with_two_ray_workers(digits_run: Path) -> None:
     assert final["step"] == 24  # 3 epochs × 8 batches of 64 per rank (1078 train samples, 2 ranks)
     assert final["map_at_r"] > 0.8  # raw pixels: 0.53; the untrained CNN 0.335 (seed 0; 0.32-0.36 over seeds 0-2)
     evals = [json.loads(line) for line in (digits_run / "metrics.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in evals] == [10, 20, 24]
+    assert [e["step"] for e in evals] == [0, 10, 20, 24]  # step 0: the untrained model's baseline
     assert (digits_run / "config.yaml").is_file() and (digits_run / "wandb").is_dir()
     tags = sorted(p.name for p in (digits_run / "checkpoints").iterdir())
     assert tags == ["step_00000015", "step_00000020", "step_00000024"]  # keep_last=3

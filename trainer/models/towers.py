@@ -88,12 +88,13 @@ class EmbeddingModel(nn.Module):
     def add_logit_scale(self, value: float) -> None:
         """Give the model CLIP's learnable logit_scale (log of the inverse temperature), trained, checkpointed and
         exported with the towers; embedding never uses it."""
-        self.logit_scale = nn.Parameter(torch.tensor(float(value)))
+        # Shape [1], not a scalar: DeepSpeed's parameter broadcast views every parameter as bytes (fails at 0-d).
+        self.logit_scale = nn.Parameter(torch.tensor([float(value)]))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # An exported clip model carries logit_scale; a model rebuilt from its config gets the parameter here.
         if self.logit_scale is None and prefix + "logit_scale" in state_dict:
-            self.add_logit_scale(0.0)
+            self.logit_scale = nn.Parameter(torch.zeros_like(state_dict[prefix + "logit_scale"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
