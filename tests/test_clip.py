@@ -261,8 +261,10 @@ WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "mirror", "garden
 @pytest.mark.slow
 def test_clip_trains_two_text_towers_under_torchrun(tmp_path) -> None:
     """Text pairs (a phrase ↔ its word in capitals: no shared n-gram), two towers, clip with the feature cache on
-    2 torchrun workers: held-out retrieval far above the step-0 baseline, logit_scale learned and exported."""
+    2 torchrun workers: held-out retrieval far above the step-0 baseline, logit_scale learned, exported and
+    checkpointed (a resumed run equals the uninterrupted one)."""
     import json
+    import shutil
     import subprocess
     import sys
 
@@ -282,11 +284,16 @@ def test_clip_trains_two_text_towers_under_torchrun(tmp_path) -> None:
         "loss: {name: clip}\n"
         "mining: {name: none}\n"
         "optim: {epochs: 6, warmup_steps: 2, lr: 0.01, feature_cache: true, gradient_accumulation_steps: 2}\n"
+        "checkpoint: {every_steps: 8, keep_last: 5}\n"
         "log: {wandb: false}\n")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                           "trainer.train", "clip.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+
+    def train(*extra: str) -> None:
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                               "trainer.train", "clip.yaml", *extra], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    train()
     run = tmp_path / "runs" / "clip"
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert evals[0]["step"] == 0 and len(evals) == 2
@@ -302,3 +309,12 @@ def test_clip_trains_two_text_towers_under_torchrun(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-m", "launch.cli", "embed", "runs/clip", "words.txt", "--out", "w.npz",
                            "--side", "b"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]  # the exported model (with logit_scale) loads for inference
+    # Resume from step 8 (logit_scale and Adam's state for it come back from the checkpoint): the same run, bit for
+    # bit, and the step-0 evaluation is not repeated.
+    shutil.copytree(run, tmp_path / "runs" / "again")
+    for step in (16, 24):
+        shutil.rmtree(tmp_path / "runs" / "again" / "checkpoints" / f"step_{step:08d}")
+    (tmp_path / "runs" / "again" / "final_metrics.json").unlink()
+    train("--set", "name=again", "--resume")
+    for name in ("train_loss.jsonl", "metrics.jsonl"):
+        assert (tmp_path / "runs" / "again" / name).read_text() == (run / name).read_text(), name
