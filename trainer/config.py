@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -166,25 +166,83 @@ class DataConfig(Section):
         return self
 
 
+class LoraConfig(Section):
+    """Low-rank adapters (peft) on an hf tower: the backbone stays frozen, only the adapters and the head train."""
+
+    r: int = Field(8, ge=1)
+    """Rank of the adapters."""
+    alpha: int = Field(16, ge=1)
+    """Scale numerator: adapters add (alpha / r) · B·A."""
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the adapters' input."""
+    target_modules: tuple[str, ...] | None = Field(None, strict=False)
+    """Module names to adapt (e.g. [query, value]); null: peft's default for the model type."""
+
+
 class ModelConfig(Section):
     """Towers and encoders."""
 
     architecture: Literal["siamese", "pseudo_siamese"] = "siamese"
     """`siamese`: one shared tower; `pseudo_siamese`: tower A for anchors/`a`, tower B for the other side."""
-    encoder: Literal["mlp", "cnn", "text"] = "mlp"
-    """Encoder of tower A (and of the shared tower)."""
-    encoder_b: Literal["mlp", "cnn", "text"] | None = None
+    encoder: Literal["mlp", "cnn", "text", "hf", "module"] = "mlp"
+    """Encoder of tower A (and of the shared tower); `hf`: a pretrained Hugging Face model (`pretrained`);
+    `module`: your own torch module (`module`, `module_args`)."""
+    encoder_b: Literal["mlp", "cnn", "text", "hf", "module"] | None = None
     """Encoder of tower B for pseudo-Siamese models; null means the same kind as `encoder`."""
+    pretrained: str | None = None
+    """encoder=hf: a local model directory (AutoModel + tokenizer; always offline) or a hub id (HF_HUB_OFFLINE
+    respected)."""
+    pretrained_b: str | None = None
+    """encoder_b=hf: tower B's model directory or hub id; null means the same as `pretrained`."""
+    module: str | None = None
+    """encoder=module: `package.module:factory`, a callable returning an nn.Module that maps a batch (images: float
+    [B, C, H, W] normalised as data.image says) to features [B, D]; D is its `out_dim` attribute, else measured
+    with one dummy forward. Weights: `pretrained` as .safetensors or a state dict (read with weights_only=True)."""
+    module_args: dict[str, Any] = Field(default_factory=dict)
+    """encoder=module: keyword arguments passed to the factory (JSON-able; saved with the exported model)."""
+    pooling: Literal["mean", "cls", "last", "pooler"] = "mean"
+    """hf text towers: mean of token states, the first ([CLS]) or last real token, or the model's own pooler."""
+    max_length: int = Field(128, ge=1)
+    """hf text towers: tokens per text (longer texts are truncated); batches are padded to their longest text."""
+    prompts: dict[str, str] = Field(default_factory=dict)
+    """hf text towers: text put before every input of a side, e.g. {a: "query: ", b: "passage: "}."""
+    freeze: tuple[str, ...] = Field((), strict=False)
+    """Parameter-name patterns (fnmatch, e.g. `tower_a.encoder.backbone.embeddings.*`) kept fixed in training."""
+    gradient_checkpointing: bool = False
+    """hf towers: recompute activations in backward (less memory, about a third more compute)."""
+    lora: LoraConfig | None = None
+    """hf towers: train low-rank adapters (peft) instead of the backbone; merged into its weights on export."""
     hidden_dims: tuple[int, ...] = Field((256, 256), strict=False)
     """Hidden layer widths of the MLP encoder."""
     channels: tuple[int, ...] = Field((32, 64), strict=False)
     """Convolution channels of the CNN encoder, one stage (conv-norm-relu ×2, pool) per entry."""
     text_dim: int = Field(128, ge=1)
     """Width of the text encoder's n-gram embedding bag."""
-    embedding_dim: int = Field(64, ge=1)
-    """Size of the L2-normalised output embedding."""
+    embedding_dim: int | None = Field(64, ge=1)
+    """Size of the L2-normalised output embedding (a linear projection head); null keeps the encoder's width
+    (no head)."""
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     """Dropout between encoder layers/stages and before the projection head."""
+
+    @model_validator(mode="after")
+    def _check_hf(self) -> ModelConfig:
+        uses_hf = "hf" in (self.encoder, self.encoder_b)
+        if self.encoder == "hf" and self.pretrained is None:
+            raise ValueError("model.pretrained: model.encoder=hf needs a model directory or hub id; set "
+                             "model.pretrained=DIR_OR_HUB_ID")
+        if self.encoder_b == "hf" and self.pretrained is None and self.pretrained_b is None:
+            raise ValueError("model.pretrained_b: model.encoder_b=hf needs a model directory or hub id; set "
+                             "model.pretrained_b=DIR_OR_HUB_ID")
+        if self.pretrained_b is not None and (self.encoder_b or self.encoder) != "hf":
+            raise ValueError("model.pretrained_b: tower B is not an hf tower; set model.encoder_b=hf")
+        for side in self.prompts:
+            if side not in ("a", "b"):
+                raise ValueError(f"model.prompts.{side}: prompts are per side; use the keys a and b")
+        if not uses_hf and self.lora is not None:
+            raise ValueError("model.lora: only hf towers take adapters; set model.encoder=hf (or encoder_b)")
+        if not uses_hf and self.gradient_checkpointing:
+            raise ValueError("model.gradient_checkpointing: only hf towers support it; set model.encoder=hf")
+        return self
 
 
 LOSSES = ("contrastive", "triplet", "multi_similarity", "supcon", "infonce", "clip")
@@ -242,6 +300,9 @@ class OptimConfig(Section):
     """Peak learning rate of AdamW."""
     weight_decay: float = Field(1e-4, ge=0.0)
     """AdamW weight decay."""
+    lr_groups: dict[str, Annotated[float, Field(strict=False)]] = Field(default_factory=dict)
+    """Learning rate per parameter-name pattern (fnmatch; the first matching pattern wins), e.g.
+    {"tower_a.encoder.*": 2e-5}: the rest train at `lr`; warm-up and decay scale every group alike."""
     epochs: int = Field(20, ge=1)
     """Passes over the training shards."""
     max_steps: int | None = Field(None, ge=1)
@@ -256,6 +317,15 @@ class OptimConfig(Section):
     """Micro-batches per step; needs `feature_cache`, so the loss still sees the whole batch as negatives."""
     feature_cache: bool = False
     """GradCache: embed the step's batch in micro-batches without grad, take the loss on all of it, replay each."""
+    @field_validator("lr_groups")
+    @classmethod
+    def _check_lr_groups(cls, groups: dict[str, float]) -> dict[str, float]:
+        for pattern, lr in groups.items():
+            if not lr > 0:
+                raise ValueError(f"optim.lr_groups.{pattern}: a learning rate must be > 0 (got {lr}); freeze "
+                                 "parameters with model.freeze instead")
+        return groups
+
     nonfinite: Literal["skip", "stop"] = "skip"
     """What a step whose loss or gradients are NaN or infinite does: skipped without an update, or stops the run."""
     max_nonfinite_steps: int = Field(10, ge=0)
@@ -379,7 +449,8 @@ class Config(Section):
     name: str | None = None
     """Run name: outputs go to `<output_dir>/<name>/`; unset means `<recipe>-<date>-<time>`."""
     output_dir: str = "runs"
-    """Parent directory of run directories."""
+    """Parent directory of run directories, or a URL (`s3://bucket/runs`): the run is then published there
+    (checkpoints atomically, run_state.json last) from a local mirror under $TWINSCALE_RUN_CACHE."""
     seed: int = 0
     """Seed of model init, shard order, shuffling and mining."""
     data: DataConfig = DataConfig()
@@ -433,7 +504,21 @@ class Config(Section):
         """Directory holding everything this run writes."""
         if self.name is None:
             raise ConfigError("name: the run has no name yet; set one with --set name=NAME")
+        if "://" in self.output_dir:  # object storage: the run works in a local mirror (trainer.remote_runs)
+            from trainer.remote_runs import local_mirror
+
+            return local_mirror(f"{self.output_dir.rstrip('/')}/{self.name}")
         return Path(self.output_dir) / self.name
+
+
+def _check_clip(cfg: Config) -> None:
+    """Clip scores a pair's a against every b (and back): it needs pairs, and it mines nothing."""
+    if cfg.mining.name != "none":
+        raise ValueError(f"mining.name: loss.name=clip uses every a×b pair of the global batch and mines nothing, "
+                         f"but mining.name is {cfg.mining.name}; set mining.name=none")
+    if cfg.data.source is not None and cfg.data.source_kind != "pairs":
+        raise ValueError(f"data.source_kind: loss.name=clip needs pair shards (a, b), but data.source_kind is "
+                         f"{cfg.data.source_kind}; set data.source_kind=pairs or choose another loss.name")
 
 
 def _path_component_problem(name: str) -> str | None:
@@ -547,13 +632,3 @@ def _suggest(location: tuple[Any, ...]) -> str:
 
 def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
     return {key: _deep_copy(value) if isinstance(value, dict) else value for key, value in raw.items()}
-def _check_clip(cfg: Config) -> None:
-    """Clip scores a pair's a against every b (and back): it needs pairs, and it mines nothing."""
-    if cfg.mining.name != "none":
-        raise ValueError(f"mining.name: loss.name=clip uses every a×b pair of the global batch and mines nothing, "
-                         f"but mining.name is {cfg.mining.name}; set mining.name=none")
-    if cfg.data.source is not None and cfg.data.source_kind != "pairs":
-        raise ValueError(f"data.source_kind: loss.name=clip needs pair shards (a, b), but data.source_kind is "
-                         f"{cfg.data.source_kind}; set data.source_kind=pairs or choose another loss.name")
-
-
