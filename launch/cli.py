@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the named run from its newest checkpoint")
 
     resume = commands.add_parser("resume", help="continue a run from its newest complete checkpoint")
-    resume.add_argument("run_dir", type=Path)
+    resume.add_argument("run_dir", help="run directory, or its URL (s3://bucket/runs/NAME)")
     _add_run_options(resume)
 
     shards = commands.add_parser("shards", help="write WebDataset shards from a source")
@@ -129,7 +129,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from trainer import config
+    from trainer.data.remote import is_url
 
+    if is_url(args.run_dir):  # output_dir on object storage: fetch the newest complete checkpoint, then resume
+        return _resume_remote(args)
+    args.run_dir = Path(args.run_dir)
     if args.address is not None and args.address.startswith(("http://", "https://")):
         from launch.jobs import submit_command  # a run of a submitted job: resume it as a job on the cluster
 
@@ -145,6 +149,17 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return _train(cfg, resume=True, address=args.address, verbose=args.verbose)
 
 
+def _resume_remote(args: argparse.Namespace) -> int:
+    from trainer import config
+    from trainer.remote_runs import fetch_run
+
+    url = args.run_dir.rstrip("/")
+    run_dir = fetch_run(url)  # config.yaml and the newest complete checkpoint
+    cfg = config.load(run_dir / "config.yaml", [config.string_override("name", url.rsplit("/", 1)[1]),
+                                                config.string_override("output_dir", url.rsplit("/", 1)[0])])
+    return _train(cfg, resume=True, address=args.address, verbose=args.verbose)
+
+
 def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int:
     from launch.ray_launch import launch
     from trainer.checkpoint import latest_checkpoint
@@ -152,6 +167,7 @@ def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int
     from trainer.progress import format_table
 
     cfg = absolute_paths(cfg)
+    _check_remote_run(cfg, resume)
     if resume and latest_checkpoint(cfg.run_dir) is None:
         raise CheckpointError(f"{cfg.run_dir}: no complete checkpoint to resume from")
     if not resume and (cfg.run_dir / "checkpoints").exists():
@@ -192,6 +208,23 @@ def absolute_paths(cfg: Any) -> Any:
                                        for key in ("train", "test", "index", "test_index")})
     output_dir = cfg.output_dir if is_url(cfg.output_dir) else str(Path(cfg.output_dir).resolve())
     return cfg.model_copy(update={"data": data, "output_dir": output_dir})
+
+
+def _check_remote_run(cfg: Any, resume: bool) -> None:
+    """A run with a URL as output_dir: the storage answers, a new run does not overwrite an old one, and a resumed
+    one has its newest complete checkpoint in the local mirror."""
+    from trainer.remote_runs import fetch_run, remote_checkpoints, remote_of
+
+    url = remote_of(cfg.run_dir)
+    if url is None:
+        return
+    complete, _ = remote_checkpoints(url)  # DataError (exit 2) when unreachable or refused
+    if not resume and complete:
+        raise UserError(f"{url} already holds a run: continue it with `twinscale resume {url}`, or --set name=NEW")
+    if resume and not complete:
+        raise CheckpointError(f"{url}: no complete checkpoint to resume from")
+    if resume:
+        fetch_run(url)
 
 
 def ensure_shards(cfg: Any, address: str | None = None) -> None:

@@ -18,6 +18,7 @@ from faults.faultrun import final_metrics, losses, steps_logged
 from tests.foreign_shards import write_img2dataset_shards
 from trainer.data import remote
 from trainer.data.scan import scan
+from trainer.remote_runs import remote_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -102,3 +103,36 @@ def test_trains_from_s3_and_resumes_exactly(bucket: str, s3_server: str, tmp_pat
     trained_map = final_metrics(whole)["map_at_r"]
     untrained_map = final_metrics(tmp_path / "runs" / "untrained")["map_at_r"]
     assert trained_map > 0.8 > untrained_map, (trained_map, untrained_map)  # measured 0.994 and 0.144
+
+
+def remote_run(url: str, into: Path) -> Path:
+    """The files of a run as object storage holds them (not the local mirror the run wrote them through)."""
+    fs, root = remote.filesystem(url)
+    for name in fs.find(root):
+        local = into / name[len(root):].lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(name, str(local))
+    return into
+
+
+def test_run_outputs_on_s3_killed_and_resumed_from_there(bucket: str, s3_server: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = f"{bucket}/runs"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.format(bucket=bucket, output_dir=runs) + "dist: {workers: 1}\n")
+    monkeypatch.setenv("TWINSCALE_RUN_CACHE", str(tmp_path / "node-a"))
+    train(recipe, s3_server, "name=whole")
+    stop_after(start(recipe, s3_server, "name=cut"), tmp_path / "node-a" / "s3" / runs[5:] / "cut", 8)
+    complete, incomplete = remote_checkpoints(f"{runs}/cut")
+    assert complete and not incomplete and len(complete) <= 2  # keep_last 2, published atomically
+    # Resumed on a machine that has none of the run's files: everything comes from the S3 server.
+    monkeypatch.setenv("TWINSCALE_RUN_CACHE", str(tmp_path / "node-b"))
+    done = subprocess.run([sys.executable, "-m", "launch.cli", "resume", f"{runs}/cut"], cwd=tmp_path,
+                          env={**s3_environment(s3_server), "TWINSCALE_RUN_CACHE": str(tmp_path / "node-b")},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    whole, cut = remote_run(f"{runs}/whole", tmp_path / "whole"), remote_run(f"{runs}/cut", tmp_path / "cut")
+    assert losses(cut) == losses(whole) and len(losses(whole)) == 50
+    assert final_metrics(cut) == final_metrics(whole) and (cut / "model").is_dir()
+    assert "AWS_SECRET_ACCESS_KEY" not in (cut / "config.yaml").read_text() and "testing" not in \
+        (cut / "config.yaml").read_text()

@@ -9,8 +9,10 @@ all-reduce) that every write succeeded; only then rank 0 writes `run_state.json`
 `step_00000120`. A crash, a kill or a full disk during a save therefore leaves at most a staging directory,
 which is never resumed from and is removed by the next save; the previous checkpoint stays the newest complete
 one. Only complete checkpoints count towards `keep_last`, and older ones are pruned only after the new one is
-in place. Nothing here unpickles: run state is JSON, RNG states and the memory bank are safetensors, and
-DeepSpeed files load with `weights_only=True` (engine.py).
+in place. With a URL as output_dir the complete checkpoint is then published to object storage, its
+run_state.json last (trainer.remote_runs), and a resume fetches the newest complete one. Nothing here
+unpickles: run state is JSON, RNG states and the memory bank are safetensors, and DeepSpeed files load with
+`weights_only=True` (engine.py).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, DataError
 from trainer.objectives.gather import default_collective
 from trainer.objectives.memory import MemoryBank
+from trainer.remote_runs import fetch_run, remote_of, upload_checkpoint, upload_outputs
 
 STATE_FILE = "run_state.json"
 MEMORY_FILE = "memory.safetensors"
@@ -115,13 +118,40 @@ def save(engine: Any, run_dir: Path, state: RunState, keep_last: int, rank: int,
         reason = f": {failure}" if failure else f" on rank(s) {', '.join(map(str, failed_ranks))}"
         raise CheckpointError(f"{target}: checkpoint could not be written{reason}; the newest complete checkpoint "
                               f"is {previous if previous else 'none'} (resume from it once the storage is fixed)")
+    published: str | None = None
     if rank == 0:
         write_json_atomic(staging / STATE_FILE, asdict(state))
         _publish(staging, target)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        published = _upload(run_dir, target, keep_last)
+    if _ranks_failing(published is not None):  # also the barrier that ends the save on every rank
+        raise CheckpointError(f"{target}: saved here but not published to {remote_of(run_dir)} "
+                              f"({published or 'see rank 0'}); fix the storage or credentials and resume")
     return target
+
+
+def _upload(run_dir: Path, target: Path, keep_last: int) -> str | None:
+    """Publish a complete checkpoint of a run whose output_dir is a URL (trainer.remote_runs); what failed."""
+    url = remote_of(run_dir)
+    if url is None:
+        return None
+    try:
+        upload_outputs(run_dir, url)
+        upload_checkpoint(target, url, keep_last)
+    except (DataError, OSError) as error:
+        return str(error)
+    return None
+
+
+def publish_outputs(run_dir: Path) -> None:
+    """At the end of a run with a remote output_dir: upload final_metrics.json, model/ and the logs (rank 0)."""
+    url = remote_of(run_dir)
+    if url is not None:
+        try:
+            upload_outputs(run_dir, url)
+        except (DataError, OSError) as error:
+            raise CheckpointError(f"{run_dir}: outputs not published to {url} ({error})") from None
 
 
 def _write_rank_files(engine: Any, staging: Path, rank: int, memory: MemoryBank | None) -> str | None:
@@ -157,7 +187,9 @@ def _publish(staging: Path, target: Path) -> None:
 def load(engine: Any, run_dir: Path, rank: int, world_size: int, memory: MemoryBank | None = None) -> RunState:
     """Restore DeepSpeed state and the memory bank from the newest complete checkpoint; return its run state.
 
-    The RNG streams are restored separately (`restore_rng`), right before the first step."""
+    The RNG streams are restored separately (`restore_rng`), right before the first step. A run whose output_dir
+    is a URL first brings its newest complete remote checkpoint here (one process per node downloads)."""
+    _fetch_remote(run_dir, rank)
     found = latest_checkpoint(run_dir)
     if found is None:
         raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from under {checkpoints_dir(run_dir)}")
@@ -171,6 +203,20 @@ def load(engine: Any, run_dir: Path, rank: int, world_size: int, memory: MemoryB
     if memory is not None:
         load_memory(memory, found / MEMORY_FILE)
     return state
+
+
+def _fetch_remote(run_dir: Path, rank: int) -> None:
+    url = remote_of(run_dir)
+    if url is None:
+        return
+    failure = None
+    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+        try:
+            fetch_run(url)
+        except (DataError, CheckpointError, OSError) as error:
+            failure = str(error)
+    if _ranks_failing(failure is not None):
+        raise CheckpointError(failure or f"{url}: another rank could not fetch the newest checkpoint")
 
 
 def load_memory(memory: MemoryBank, path: Path) -> None:

@@ -89,6 +89,7 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     write_json_atomic(run_dir / "final_metrics.json", final)
     record_timeline(run_dir, {"worker_start": started, "process_group": joined, "engine_built": engine_built,
                               **loop.timeline, "worker_end": time.time()})
+    checkpoint.publish_outputs(run_dir)  # a remote output_dir: final metrics, model and logs to object storage
     tracker.finish(final)
     if reporter is not None:
         reporter.close()

@@ -88,7 +88,7 @@ def exists(location: str) -> bool:
     if location.startswith("pipe:"):
         return True
     fs, path = filesystem(location)
-    return bool(_with_retries(location, lambda: fs.isfile(path)))
+    return bool(with_retries(location, lambda: fs.isfile(path)))
 
 
 def read_bytes(location: str) -> bytes:
@@ -109,7 +109,7 @@ def write_bytes(location: str, payload: bytes) -> None:
         os.replace(temporary, location)
         return
     fs, path = filesystem(location)
-    _with_retries(location, lambda: fs.pipe_file(path, payload))  # one PUT: S3 objects are never partial
+    with_retries(location, lambda: fs.pipe_file(path, payload))  # one PUT: S3 objects are never partial
 
 
 def list_files(pattern: str) -> list[str]:
@@ -119,7 +119,7 @@ def list_files(pattern: str) -> list[str]:
 
         return sorted(glob.glob(pattern))
     fs, path = filesystem(pattern)
-    found = _with_retries(pattern, lambda: fs.glob(path))
+    found = with_retries(pattern, lambda: fs.glob(path))
     protocol = pattern.partition("://")[0]
     return sorted(f"{protocol}://{name}" if "://" not in name else name for name in found)
 
@@ -208,7 +208,7 @@ class RetryingReader(io.RawIOBase):
         super().close()
 
 
-def _with_retries(location: str, call: Any) -> Any:
+def with_retries(location: str, call: Any) -> Any:
     """`call()` with retries and backoff; DataError naming `location` once it keeps failing."""
     for attempt in range(RETRIES):
         try:

@@ -1,0 +1,121 @@
+"""Runs whose `output_dir` is a URL (`s3://bucket/runs`): written locally, published to object storage.
+
+Training writes a run directory with plain file operations (DeepSpeed's checkpoint files among them), so a run
+with a remote `output_dir` works in a local mirror — `$TWINSCALE_RUN_CACHE` (default `~/.cache/twinscale/runs`)
+`/<scheme>/<bucket>/<path>/<name>` — and publishes it:
+
+- a checkpoint, once complete locally (trainer.checkpoint's staged-then-renamed save), is uploaded file by file
+  with `run_state.json` last: as locally, a remote checkpoint is complete exactly when its `run_state.json`
+  exists, so a crash during an upload leaves an incomplete prefix that is never resumed from (and is removed by
+  the next upload). Older remote checkpoints are pruned to `keep_last` only after the new one is complete,
+  each by deleting its `run_state.json` first;
+- the run's other outputs (config.yaml, metrics.jsonl, train_loss.jsonl, final_metrics.json, model/) are
+  uploaded with each checkpoint and at the end of the run; the W&B directory is not (W&B syncs itself);
+- a resume (`twinscale resume s3://bucket/runs/NAME`, or `--resume` with the same output_dir on any machine)
+  first brings the newest complete remote checkpoint and the outputs into the local mirror.
+
+Credentials come from the environment (trainer.data.remote), never from a file of the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from trainer.data import remote
+from trainer.errors import CheckpointError, DataError
+
+STATE_FILE = "run_state.json"
+SKIPPED_OUTPUTS = ("checkpoints", "wandb")
+
+
+def cache_root() -> Path:
+    """Where local mirrors of remote runs live."""
+    return Path(os.environ.get("TWINSCALE_RUN_CACHE", "~/.cache/twinscale/runs")).expanduser().resolve()
+
+
+def local_mirror(url: str) -> Path:
+    """The local directory mirroring the remote run directory `url`."""
+    scheme, _, rest = url.partition("://")
+    return cache_root() / scheme / rest.strip("/")
+
+
+def remote_of(run_dir: Path) -> str | None:
+    """The URL a local run directory mirrors, or None for a run that is local only."""
+    try:
+        parts = Path(run_dir).resolve().relative_to(cache_root()).parts
+    except ValueError:
+        return None
+    return f"{parts[0]}://{'/'.join(parts[1:])}" if len(parts) > 1 else None
+
+
+def upload_checkpoint(checkpoint: Path, url: str, keep_last: int) -> None:
+    """Publish a complete local checkpoint under `url/checkpoints/`, run_state.json last; prune older ones."""
+    fs, root = remote.filesystem(url)
+    target = f"{root}/checkpoints/{checkpoint.name}"
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    for path in [p for p in files if p.name != STATE_FILE] + [checkpoint / STATE_FILE]:
+        remote.with_retries(url, lambda p=path: fs.put_file(str(p), f"{target}/{p.relative_to(checkpoint)}"))
+    complete, incomplete = remote_checkpoints(url)
+    for name in incomplete:
+        if name != checkpoint.name:  # left by an upload that crashed
+            remote.with_retries(url, lambda n=name: fs.rm(f"{root}/checkpoints/{n}", recursive=True))
+    for name in complete[:-keep_last]:
+        remote.with_retries(url, lambda n=name: fs.rm_file(f"{root}/checkpoints/{n}/{STATE_FILE}"))
+        remote.with_retries(url, lambda n=name: fs.rm(f"{root}/checkpoints/{n}", recursive=True))
+
+
+def upload_outputs(run_dir: Path, url: str) -> None:
+    """Publish the run's outputs besides checkpoints (each object replaced whole)."""
+    fs, root = remote.filesystem(url)
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        relative = path.relative_to(run_dir)
+        if relative.parts[0] in SKIPPED_OUTPUTS or relative.name.startswith("."):
+            continue
+        remote.with_retries(url, lambda p=path, r=relative: fs.put_file(str(p), f"{root}/{r.as_posix()}"))
+
+
+def remote_checkpoints(url: str) -> tuple[list[str], list[str]]:
+    """Names of the complete and the incomplete checkpoints under `url/checkpoints/`, oldest first."""
+    fs, root = remote.filesystem(url)
+    try:
+        names = remote.with_retries(url, lambda: fs.ls(f"{root}/checkpoints", detail=False, refresh=True))
+    except FileNotFoundError:
+        return [], []
+    steps = sorted(name.rstrip("/").rsplit("/", 1)[-1] for name in names)
+    steps = [name for name in steps if name.startswith("step_")]
+    states = set(remote.list_files(f"{url.rstrip('/')}/checkpoints/step_*/{STATE_FILE}"))
+    complete = [s for s in steps if f"{url.rstrip('/')}/checkpoints/{s}/{STATE_FILE}" in states]
+    return complete, [s for s in steps if s not in complete]
+
+
+def fetch_run(url: str) -> Path:
+    """Bring the newest complete remote checkpoint and the run's outputs into the local mirror; return it.
+
+    CheckpointError when `url` holds no run; DataError when the storage cannot be reached."""
+    run_dir = local_mirror(url)
+    fs, root = remote.filesystem(url)
+    if not remote.exists(f"{url.rstrip('/')}/config.yaml"):
+        raise CheckpointError(f"{url}: not a run directory (no config.yaml)")
+    complete, _ = remote_checkpoints(url)
+    _download(fs, url, root, run_dir, skip=SKIPPED_OUTPUTS)
+    if complete:
+        newest = run_dir / "checkpoints" / complete[-1]
+        if not (newest / STATE_FILE).is_file():
+            staging = newest.with_name(f".fetching-{newest.name}")
+            _download(fs, url, f"{root}/checkpoints/{complete[-1]}", staging)
+            if not (staging / STATE_FILE).is_file():
+                raise DataError(f"{url}/checkpoints/{complete[-1]}: incomplete download")
+            os.replace(staging, newest)
+    return run_dir
+
+
+def _download(fs: Any, url: str, source: str, target: Path, skip: tuple[str, ...] = ()) -> None:
+    for name in remote.with_retries(url, lambda: fs.find(source)):
+        relative = name[len(source):].lstrip("/")
+        if not relative or relative.split("/")[0] in skip:
+            continue
+        local = target / relative
+        local.parent.mkdir(parents=True, exist_ok=True)
+        remote.with_retries(url, lambda n=name, p=local: fs.get_file(n, str(p)))
