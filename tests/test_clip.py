@@ -3,7 +3,7 @@
 The reference is plain torch cross-entropy on the whole (pairs × pairs) logit matrix: open_clip's formula when
 every pair is similar and nothing repeats, the same with the excluded candidates masked out otherwise. The
 objective must equal it on one process (chunked or not, with memory) and, in gradients of the towers and of
-logit_scale, on 2 and 3 real gloo processes each holding a slice of the pairs.
+logit_scale, on 2 and 3 real gloo processes each holding a slice of the pairs (with and without memory).
 """
 
 from __future__ import annotations
@@ -192,16 +192,26 @@ def _worker(rank: int, world: int) -> None:
     torch.set_num_threads(1)
     collective = ProcessGroupCollective()
     local = PAIRS // world
-    for case in ("plain", "duplicates"):
-        data = make_pairs(case)
+    rows = slice(rank * local, (rank + 1) * local)
+    for case in ("plain", "duplicates", "duplicates+memory"):
+        data = make_pairs(case.split("+")[0])
         model = TwoTowers(seed=2)
-        expected = reference_loss(model, data)
+        objective = clip_objective(chunk_entries=10, collective=collective,
+                                   memory=MemoryBank(size=100) if "memory" in case else None)
+        banked = None
+        if objective.memory is not None:  # bank a past global batch, each rank its slice of it
+            past = make_pairs("plain", seed=5)
+            with torch.no_grad():
+                objective(*local_batch(model, past, rows))
+                past_a, past_b = model.embed(past["a"], past["b"])
+            objective.commit_memory()
+            banked = (past_a, past["labels_a"], past_b, past["labels_b"])
+        expected = reference_loss(model, data, banked)
         expected.backward()
         expected_grads = grads(model)
         model.zero_grad()
-        embeddings, labels, explicit = local_batch(model, data, slice(rank * local, (rank + 1) * local))
-        out = clip_objective(chunk_entries=10, collective=collective)(embeddings, labels, explicit,
-                                                                      logit_scale=model.logit_scale)
+        embeddings, labels, explicit = local_batch(model, data, rows)
+        out = objective(embeddings, labels, explicit, logit_scale=model.logit_scale)
         (out.local_share * world).backward()
         for param in model.parameters():  # data-parallel training averages gradients
             dist.all_reduce(param.grad)
