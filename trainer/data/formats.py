@@ -159,8 +159,9 @@ class ShardIndex:
     """train, test or None when the source was not split."""
     source: str = ""
     """The SOURCE argument the shards were written from."""
-    location: str = ""
-    """Directory (path or URL) that relative shard files are in; set by the reader, never written."""
+    location: str = dataclasses.field(default="", compare=False)
+    """Directory (path or URL) that relative shard files are in; set by the reader, never written (and not part
+    of what an index says: the same set read from two places is the same index)."""
     fields: dict[str, str] | None = None
     """A foreign WebDataset set's field map (data.fields); None for a Twinscale set. The stream renames its
     members into Twinscale's (`trainer.data.shardsets.FieldMap`) right after reading them."""
