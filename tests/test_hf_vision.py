@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from trainer import config
 from trainer.data.formats import ViewSpec
 from trainer.data.transforms import IMAGENET_MEAN, ImagePreprocessor
+from trainer.data.writer import write_shards
 from trainer.errors import ConfigError
 from trainer.models.towers import InputSpec, build_model, image_preprocessor
 from trainer.models.vision import HFVisionEncoder, image_settings
@@ -100,3 +102,33 @@ def test_a_vision_tower_trains_with_gradient_checkpointing(vision_models: dict[s
     encoder = model.tower_a.encoder
     assert getattr(encoder.model, "is_activation_checkpointing", None) or encoder.model.is_gradient_checkpointing
     assert all(p.grad is not None for p in encoder.parameters() if p.requires_grad)
+
+
+def test_a_vision_run_plan_on_any_size_photos_and_its_export(vision_models: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from trainer.engine.build import plan_run
+    from trainer.models.export import export_model, load_exported
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(4):
+            size = (int(rng.integers(20, 90)), int(rng.integers(20, 90)))
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / label / f"{i}.png")
+    write_shards(str(tmp_path / "photos"), "labeled", tmp_path / "shards")
+    cfg = config.load(None, [f"data.train={tmp_path / 'shards'}", "data.test=null", "data.batch_size=4",
+                             "dist.workers=1", "model.encoder=hf", f"model.pretrained={vision_models['vit']}",
+                             "model.embedding_dim=null"])
+    plan = plan_run(cfg)
+    pre = plan.preprocessors["input"]
+    assert plan.spec_a.shape == (3, 32, 32) and isinstance(pre, ImagePreprocessor) and pre.mean == (0.5,) * 3
+    model = build_model(cfg.model, plan.spec_a).eval()
+    export_model(model, cfg.model, plan.spec_a, None, tmp_path / "model", preprocessors=plan.preprocessors)
+    rebuilt, _ = load_exported(tmp_path / "model")
+    assert rebuilt.preprocessing["a"].to_dict() == pre.to_dict()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(images), model(images), atol=1e-6)
+        assert rebuilt(images).shape == (2, 32)  # no head: the backbone's width
