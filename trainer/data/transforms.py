@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -147,7 +148,9 @@ class ImagePreprocessor(Preprocessor):
 
 def open_image(data: bytes) -> Image.Image:
     """Open image bytes (JPEG, PNG or WebP) reading the header only; ImageSizeError above the bomb limit."""
-    image = Image.open(io.BytesIO(data), formats=DECODERS)
+    with warnings.catch_warnings():  # Pillow warns between its limit and twice it; refused just below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data), formats=DECODERS)
     width, height = image.size  # from the header: nothing is decoded yet
     if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
         image.close()
