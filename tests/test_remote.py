@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -177,3 +177,54 @@ def test_unreachable_or_missing_data_is_one_error_naming_it(s3: str, tmp_path: P
     monkeypatch.setattr(remote, "BACKOFF_S", 0.05)
     with pytest.raises(DataError, match=f"{s3}/set"):
         open_shard_set(f"{s3}/set/{{00000..00003}}.tar", FIELDS)
+
+
+def fake_checkpoint(run_dir: Path, step: int) -> Path:
+    path = run_dir / "checkpoints" / f"step_{step:08d}"
+    (path / "deepspeed").mkdir(parents=True)
+    (path / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(f"weights {step}".encode())
+    (path / "run_state.json").write_text(f'{{"step": {step}}}')
+    return path
+
+
+def test_remote_checkpoints_publish_atomically_and_resume_from_the_newest(
+        s3: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import remote_runs
+
+    monkeypatch.setenv("TWINSCALE_RUN_CACHE", str(tmp_path / "node-a"))
+    url = f"{s3}/runs/r"
+    run_dir = remote_runs.local_mirror(url)
+    assert remote_runs.remote_of(run_dir) == url and remote_runs.remote_of(tmp_path) is None
+    (run_dir / "model").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: r\n")
+    (run_dir / "model" / "model.safetensors").write_bytes(b"m")
+    remote_runs.upload_outputs(run_dir, url)
+    for step in (10, 20):
+        remote_runs.upload_checkpoint(fake_checkpoint(run_dir, step), url, keep_last=2)
+    # An upload that dies before its run_state.json: never complete, never resumed from.
+    fs, root = remote.filesystem(url)
+    failing = fake_checkpoint(run_dir, 30)
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    fs.put_file = _failing_on("run_state.json", fs.put_file)  # the cached filesystem the upload uses
+    try:
+        with pytest.raises(DataError, match="ConnectionResetError"):
+            remote_runs.upload_checkpoint(failing, url, keep_last=2)
+    finally:
+        del fs.put_file
+    monkeypatch.setenv("TWINSCALE_RUN_CACHE", str(tmp_path / "node-b"))  # another machine, nothing local
+    assert remote_runs.remote_checkpoints(url) == (["step_00000010", "step_00000020"], ["step_00000030"])
+    fetched = remote_runs.fetch_run(url)
+    assert fetched == tmp_path / "node-b" / "s3" / url[5:]
+    assert sorted(p.name for p in (fetched / "checkpoints").iterdir()) == ["step_00000020"]
+    assert (fetched / "checkpoints" / "step_00000020" / "deepspeed" / "mp_rank_00_model_states.pt").read_bytes() \
+        == b"weights 20" and (fetched / "model" / "model.safetensors").read_bytes() == b"m"
+    remote_runs.upload_checkpoint(fake_checkpoint(fetched, 40), url, keep_last=2)  # removes 30, prunes 10
+    assert remote_runs.remote_checkpoints(url) == (["step_00000020", "step_00000040"], [])
+
+
+def _failing_on(name: str, put_file: Callable[..., object]) -> Callable[..., object]:
+    def put(source: str, target: str, **kwargs: object) -> object:
+        if target.endswith(name):
+            raise ConnectionResetError("connection reset by peer")
+        return put_file(source, target, **kwargs)
+    return put
