@@ -226,3 +226,42 @@ def test_fashion_recipe_beats_the_frozen_pretrained_backbone(tmp_path: Path) -> 
     frozen, tuned = json.loads(lines[0]), json.loads(lines[-1])
     assert frozen["step"] == 0 and tuned["step"] == 60
     assert tuned["map_at_r"] > frozen["map_at_r"] + 0.03, (frozen, tuned)
+
+
+@pytest.mark.slow
+def test_two_workers_resume_an_augmented_image_run_bitwise(shape_shards: Path, tmp_path: Path) -> None:
+    """torchrun with 2 workers, random crops and flips: a run resumed from its step-10 checkpoint exports the
+    same weights, bit for bit, as the uninterrupted run (augmentation depends on (seed, epoch, key) only)."""
+    import shutil
+    import socket
+
+    from safetensors.torch import load_file
+
+    recipe = tmp_path / "shapes.yaml"
+    recipe.write_text(RECIPE.format(root=shape_shards))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+
+    def run(name: str, *extra: str) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                   "-m", "trainer.train", str(recipe), "--set", f"output_dir={tmp_path / 'runs'}", "--set",
+                   f"name={name}", "--set", "dist.workers=2", "--set", "optim.epochs=10", "--set",
+                   "checkpoint.every_steps=10", "--set", "eval.at_start=false", *extra]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+    run("full")
+    full, cut = tmp_path / "runs" / "full", tmp_path / "runs" / "cut"
+    assert sorted(p.name for p in (full / "checkpoints").iterdir()) == ["step_00000010", "step_00000020"]
+    shutil.copytree(full, cut)  # as if the run had stopped right after its step-10 checkpoint
+    shutil.rmtree(cut / "checkpoints" / "step_00000020")
+    shutil.rmtree(cut / "model")
+    (cut / "final_metrics.json").unlink()
+    run("cut", "--resume")
+    expected, resumed = load_file(full / "model" / "model.safetensors"), load_file(cut / "model" / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    assert all(torch.equal(expected[name], resumed[name]) for name in expected)
