@@ -58,6 +58,13 @@ def test_pickled_objects_are_never_unpickled(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model.pretrained: .*evil.pt: not a safetensors file or a tensors-only"):
         build_model(model_config(f"model.pretrained={path}"), SPEC)
     assert not marker.exists()
+    text = tmp_path / "notes.pt"
+    text.write_text("root:x:0:0:root:/root:/bin/bash\n")  # not a pickle at all
+    with pytest.raises(ConfigError, match="notes.pt: not a safetensors file or a tensors-only state dict"):
+        build_model(model_config(f"model.pretrained={text}"), SPEC)
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(ConfigError, match="bad.safetensors: not a safetensors file"):
+        build_model(model_config(f"model.pretrained={tmp_path / 'bad.safetensors'}"), SPEC)
 
 
 def test_weights_that_do_not_fit_are_errors(tmp_path: Path) -> None:
