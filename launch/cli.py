@@ -32,15 +32,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(resume)
 
     shards = commands.add_parser("shards", help="write WebDataset shards from a source")
-    shards.add_argument("source", help="digits | an image folder root/<class>/*.png|jpg | a .csv/.jsonl text file")
+    shards.add_argument("source", help="digits | an image folder root/<class>/*.png|jpg | a .csv/.jsonl/.parquet table")
     shards.add_argument("--kind", required=True, choices=("labeled", "pairs", "triplets"))
-    shards.add_argument("--out", required=True, type=Path, help="output directory")
-    shards.add_argument("--test-fraction", type=float, help="stratified held-out fraction → OUT/train, OUT/test")
+    shards.add_argument("--out", required=True, help="output directory or object-storage URL (s3://bucket/prefix)")
+    shards.add_argument("--test-fraction", type=float, help="held-out fraction → OUT/train, OUT/test (stratified for "
+                        "labeled sources, a seeded hash of each row for pairs/triplets tables)")
     shards.add_argument("--seed", type=int, default=0)
     shards.add_argument("--samples-per-shard", type=int, default=128)
     shards.add_argument("--pairs-per-item", type=int, default=1, help="pairs/triplets sampled per labeled item")
     shards.add_argument("--as-images", action="store_true", help="digits: write 8x8 PNG images, not vectors")
     shards.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    shards.add_argument("--workers", type=int, default=1, help="processes writing shards (same output as one)")
 
     scan = commands.add_parser("scan", help="count the samples of a WebDataset shard set once (its index)")
     scan.add_argument("spec", help="tar files: a brace pattern, glob or :: list of paths/URLs, or a directory")
@@ -254,7 +256,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     written = write_shards(args.source, args.kind, args.out, test_fraction=args.test_fraction, seed=args.seed,
                            samples_per_shard=args.samples_per_shard, pairs_per_item=args.pairs_per_item,
-                           as_images=args.as_images, overwrite=args.overwrite)
+                           as_images=args.as_images, overwrite=args.overwrite, workers=args.workers)
     for split, index in written.items():
         print(f"{split}: {index.num_samples} {index.kind} samples in {len(index.shards)} shards")
     return 0

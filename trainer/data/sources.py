@@ -1,10 +1,13 @@
 """Readers that turn a SOURCE argument into records for the shard writer.
 
 A SOURCE is `digits` (scikit-learn's 1,797 real 8x8 handwritten digits), an image folder
-(`root/<class>/**/*.jpg|jpeg|png|webp`, of any sizes), a text file (`.csv` or `.jsonl`) of labeled texts, pairs
-or triplets, or a `.npz` file of arrays. Text files hold labeled texts (`text,label`), pairs (`a,b,similar`, or
+(`root/<class>/**/*.jpg|jpeg|png|webp`, of any sizes), a table (`.csv`, `.jsonl` or `.parquet`) of labeled texts,
+pairs or triplets, or a `.npz` file of arrays. Tables hold labeled texts (`text,label`), pairs (`a,b,similar`, or
 `anchor,positive`: similar pairs) or triplets (`anchor,positive,negative`), with optional `<column>_label` class
 ids. Records hold encoded member bytes (npy/png/jpg/txt), never model code or pickles.
+Tables of explicit pairs or triplets are read as a `Table`: row by row, each time it is iterated, never held whole
+(a JSONL of ten million pairs streams in bounded memory); labeled sources are read whole, since sampling pairs and
+a stratified split need every item.
 Bad input raises `DataError` naming the file, column or line.
 """
 
@@ -14,7 +17,7 @@ import csv
 import io
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,9 @@ TEXT_LAYOUTS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("labeled", ("text", "label"), ("text",)),
 )
 TRUE_WORDS, FALSE_WORDS = {"1", "true", "yes"}, {"0", "false", "no"}
+TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
+PARQUET_BATCH_ROWS = 4096
+"""Rows decoded from a Parquet file at a time (its row groups are read one after another)."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,9 @@ class Source:
         return len({item.label for record in self.records for item in record})
 
 
-def read_source(source: str, *, as_images: bool = False) -> Source:
-    """Read SOURCE (digits, an image folder, .csv/.jsonl text, .npz arrays) into records."""
+def read_source(source: str, *, as_images: bool = False) -> Source | Table:
+    """Read SOURCE (digits, an image folder, .csv/.jsonl/.parquet tables, .npz arrays): records in memory, or a
+    `Table` streamed row by row (explicit pairs/triplets)."""
     if source == "digits":
         return read_digits(as_images=as_images)
     path = Path(source)
@@ -103,12 +110,13 @@ def read_source(source: str, *, as_images: bool = False) -> Source:
         return read_image_folder(path)
     if as_images:
         raise DataError(f"{source}: as_images applies to `digits` only (an image folder is already images)")
-    readers: dict[str, Callable[[Path], Source]] = {".csv": read_text_file, ".jsonl": read_text_file,
-                                                    ".npz": read_npz}
+    if path.suffix.lower() in TABLE_SUFFIXES:
+        return read_table(path)
+    readers: dict[str, Callable[[Path], Source]] = {".npz": read_npz}
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise DataError(f"{source}: unknown source type {path.suffix!r}; expected .csv, .jsonl, .npz, an image "
-                        f"folder or `digits`")
+        raise DataError(f"{source}: unknown source type {path.suffix!r}; expected .csv, .jsonl, .parquet, .npz, an "
+                        f"image folder or `digits`")
     return reader(path)
 
 
@@ -202,7 +210,7 @@ def read_text_file(path: Path) -> Source:
     """A .csv or .jsonl file of labeled texts (text,label), pairs (a,b,similar or anchor,positive), triplets
     (anchor,positive,negative), or image–text pairs (image,caption or image,text; image paths relative to the
     file)."""
-    rows = list(_csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path))
+    rows = list(table_rows(path))
     if not rows:
         raise DataError(f"{path}: no records")
     columns = set(rows[0][1])
@@ -298,20 +306,154 @@ def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
+    """One JSON object per line, read line by line (never the whole file)."""
+    number = 0
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: not UTF-8 text ({error})") from None
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
+        with path.open("rb") as handle:
+            for number, raw in enumerate(handle, start=1):  # noqa: B007 (number names the failing line below)
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{number}: expected a JSON object per line")
+                yield number, row
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}:{number}: not UTF-8 text ({error})") from None
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error})") from None
+
+
+def _parquet_rows(path: Path, columns: Iterable[str] | None = None) -> Iterator[tuple[int, dict[str, object]]]:
+    """The rows of a Parquet file (numbered from 1), streamed a batch of one row group at a time."""
+    import pyarrow as pa  # late: only Parquet sources need it
+    import pyarrow.parquet as pq
+
+    number = 0
+    try:
+        with pq.ParquetFile(path) as table:
+            wanted = None if columns is None else [name for name in table.schema_arrow.names if name in set(columns)]
+            for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=wanted):
+                for row in batch.to_pylist():
+                    number += 1
+                    yield number, row
+    except (OSError, pa.ArrowException) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+
+
+def table_rows(path: Path, columns: Iterable[str] | None = None) -> Iterator[tuple[int, dict[str, object]]]:
+    """(line, row) of a .csv, .jsonl or .parquet table, streamed; Parquet's "line" is the row number from 1."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return _parquet_rows(path, columns)
+    return _csv_rows(path) if suffix == ".csv" else _jsonl_rows(path)
+
+
+def table_columns(path: Path) -> set[str]:
+    """The columns of a table: Parquet's schema, else the first row's (a CSV header or the first JSON object)."""
+    if path.suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
         try:
-            row = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object per line")
-        yield number, row
+            return set(pq.read_schema(path).names)
+        except (OSError, pa.ArrowException) as error:
+            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    rows = table_rows(path)
+    first = next(rows, None)
+    rows.close()  # type: ignore[attr-defined]
+    if first is None:
+        raise DataError(f"{path}: no records")
+    return set(first[1])
+
+
+def read_table(path: Path) -> Source | Table:
+    """A table file: labeled texts (`text,label`) read whole into a Source; explicit pairs or triplets (every
+    other layout) as a Table that streams its rows."""
+    columns = table_columns(path)
+    layout = next((layout for layout in TEXT_LAYOUTS if set(layout[1]) <= columns), None)
+    if layout is None:
+        layouts = "; ".join(",".join(needed) for _, needed, _ in TEXT_LAYOUTS)
+        raise DataError(f"{path}: missing columns: found {', '.join(sorted(columns))}; expected one of: {layouts}")
+    form, needed, views = layout
+    if form == "labeled":
+        return read_text_file(path)
+    labels = tuple(_label_columns(path, form, views, columns))
+    return Table(path, form, labels, "similar" in needed)
+
+
+@dataclass(frozen=True)
+class Table:
+    """Explicit pairs or triplets in a table file (CSV, JSONL or Parquet), read row by row each time `records()`
+    is iterated: memory stays O(one row), whatever the file's size."""
+
+    path: Path
+    form: str
+    """pairs or triplets."""
+    columns: tuple[tuple[str, str | None], ...]
+    """Per item of a record: its column and its class id column (None without labels)."""
+    flagged: bool
+    """Whether a `similar` column gives each pair's flag (otherwise every pair is similar)."""
+
+    @property
+    def name(self) -> str:
+        """The SOURCE argument, recorded in index.json."""
+        return str(self.path)
+
+    @property
+    def labeled(self) -> bool:
+        """Whether every item carries a class id."""
+        return self.columns[0][1] is not None
+
+    @property
+    def images(self) -> bool:
+        """Whether the first item of every record is an image (an `image,caption` table)."""
+        return self.columns[0][0] == "image"
+
+    def records(self) -> Iterator[tuple[bytes, tuple[Item, ...], bool | None]]:
+        """(split key, items, similar flag) per row, in file order; the split key is the first column's value as
+        written (an image path as given, not resolved), so a split does not depend on where the table lies."""
+        needed = {name for pair in self.columns for name in pair if name} | ({"similar"} if self.flagged else set())
+        for line, row in table_rows(self.path, needed):
+            items = tuple(_image_item(self.path, line, row, view, label) if view == "image" else
+                          _text_item(self.path, line, row, view, label) for view, label in self.columns)
+            similar = None
+            if self.form == "pairs":  # anchor,positive: every pair is similar
+                similar = _flag(self.path, line, _field(self.path, line, row, "similar")) if self.flagged else True
+            yield str(row[self.columns[0][0]]).encode("utf-8"), items, similar
+
+
+class ImageSummary:
+    """What a view's spec needs from many image headers, in O(1) memory: extensions, channels, sizes."""
+
+    def __init__(self) -> None:
+        self.exts: Counter[str] = Counter()
+        self.sizes: set[tuple[int, int]] = set()
+        self.gray, self.rotated = True, False
+
+    def add(self, path: Path, ext: str) -> None:
+        """Read one image's header (nothing decoded); an unreadable image raises DataError naming it."""
+        width, height, mode, rotated = _image_header(path)
+        self.exts[ext] += 1
+        if len(self.sizes) < 2:
+            self.sizes.add((height, width))
+        self.gray, self.rotated = self.gray and mode in GRAY_MODES, self.rotated or rotated
+
+    def merge(self, other: ImageSummary) -> None:
+        """Fold in another summary (of another shard)."""
+        self.exts.update(other.exts)
+        self.sizes = set(sorted(self.sizes | other.sizes)[:2])  # two sizes already mean "any size"
+        self.gray, self.rotated = self.gray and other.gray, self.rotated or other.rotated
+
+    def spec(self) -> ViewSpec:
+        """The most common extension first, the others as alternatives; [C, H, W] for one size, else [C]."""
+        exts = sorted(self.exts, key=lambda ext: (-self.exts[ext], ext))
+        channels = 1 if self.gray else 3
+        shape = (channels, *next(iter(self.sizes))) if len(self.sizes) == 1 and not self.rotated else (channels,)
+        return ViewSpec(exts[0], shape, tuple(exts[1:]))
 
 
 def encode_npy(array: np.ndarray) -> bytes:
