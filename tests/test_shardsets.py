@@ -16,6 +16,7 @@ from trainer.data.formats import ViewSpec
 from trainer.data.scan import count_samples, scan
 from trainer.data.shardsets import FieldMap, expand, open_shard_set, raw_members
 from trainer.data.stream import _DeclaredMembers, eval_batches, train_batches
+from trainer.engine.build import plan_run
 from trainer.errors import ConfigError, DataError
 
 TEXT_FIELDS = {"input": "txt", "label": "json.label"}
@@ -121,3 +122,17 @@ def test_truncated_foreign_shard_is_counted_not_fatal(foreign: Path, tmp_path: P
     keys = [key for batch in batches for key in batch["keys"]]
     # Counted twice: the unreadable tar section, and sample 60 that it leaves without a caption.
     assert keys == [f"{n:09d}" for n in range(60)] and batches[-1]["corrupt"] == 2
+
+
+def test_image_text_pairs_of_mixed_formats_train(foreign: Path) -> None:
+    # Every third sample is a png under a field map that lists jpg first: each is decoded by its own extension.
+    cfg = config.load(None, [f"data.train={foreign}/*.tar", "data.test=null", "data.fields={a: 'jpg;png', b: txt}",
+                             "data.image.size=16", "data.batch_size=8", "model.architecture=pseudo_siamese",
+                             "model.encoder=cnn", "model.encoder_b=text", "loss.name=infonce", "mining.name=none"])
+    plan = plan_run(cfg, 1)
+    assert plan.kind == "pairs" and plan.spec_a.shape == (3, 16, 16)
+    batch = next(iter(train_batches(cfg.data.train, cfg.data, seed=0, epoch=0, rank=0, world_size=1,
+                                    preprocessors=plan.preprocessors)))
+    assert batch["views"]["a"].shape == (8, 3, 16, 16) and batch["similar"].tolist() == [1.0] * 8
+    evaluated = list(eval_batches(cfg.data.train, cfg.data, batch_size=64, preprocessors=plan.preprocessors))
+    assert sum(len(b["keys"]) for b in evaluated) == 160 and evaluated[-1]["corrupt"] == 0
