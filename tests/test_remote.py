@@ -228,3 +228,16 @@ def _failing_on(name: str, put_file: Callable[..., object]) -> Callable[..., obj
             raise ConnectionResetError("connection reset by peer")
         return put_file(source, target, **kwargs)
     return put
+
+
+def test_a_worker_checks_it_can_write_a_remote_output_dir(s3: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import preflight, remote_runs
+
+    monkeypatch.setenv("TWINSCALE_RUN_CACHE", str(tmp_path))
+    preflight._check_run_dir(remote_runs.local_mirror(f"{s3}/runs/ok"), "worker 0")
+    assert remote_runs.remote_checkpoints(f"{s3}/runs/ok") == ([], [])  # the probe object is gone
+    fs, root = remote.filesystem(f"{s3}/runs/ok")
+    assert fs.find(root) == []
+    with pytest.raises(preflight.WorkerPathError, match="s3://no-such-bucket-for-runs/runs/r.*no such bucket"):
+        preflight._check_run_dir(remote_runs.local_mirror("s3://no-such-bucket-for-runs/runs/r"), "worker 0")

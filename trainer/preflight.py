@@ -17,6 +17,7 @@ from trainer.data.formats import read_index
 from trainer.data.remote import is_url, open_shard
 from trainer.data.shardsets import is_pattern, open_data
 from trainer.errors import DataError, UserError
+from trainer.remote_runs import probe_run_storage, remote_of
 
 SHARED_STORAGE_HINT = ("on a multi-node cluster every worker reads and writes on its own node: put shards and "
                        "output_dir on storage every node mounts (absolute paths on a shared file system)")
@@ -76,6 +77,12 @@ def _check_shard_set(key: str, spec: str, where: str, cfg: Config) -> None:
 
 
 def _check_run_dir(run_dir: Path, where: str) -> None:
+    url = remote_of(run_dir)
+    if url is not None:  # output_dir on object storage: this worker must reach it with its own credentials
+        try:
+            probe_run_storage(url, f"{where}: {socket.gethostname()}-{os.getpid()}")
+        except DataError as error:
+            raise WorkerPathError(f"{where}: output_dir {url}: {error}") from None
     probe = run_dir / f".preflight-{socket.gethostname()}-{os.getpid()}"
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -90,6 +90,20 @@ def remote_checkpoints(url: str) -> tuple[list[str], list[str]]:
     return complete, [s for s in steps if s not in complete]
 
 
+def probe_run_storage(url: str, text: str) -> None:
+    """Write, read back and delete a small object under `url`; DataError when the storage refuses or is away."""
+    probe = f"{url.rstrip('/')}/.preflight-{abs(hash(text)) % 10**8}"
+    remote.write_bytes(probe, text.encode())
+    fs, path = remote.filesystem(probe)
+    try:
+        readable = remote.with_retries(probe, lambda: fs.cat_file(path)) == text.encode()
+        remote.with_retries(probe, lambda: fs.rm_file(path))
+    except FileNotFoundError:
+        readable = False
+    if not readable:
+        raise DataError(f"{probe}: an object written there reads back differently")
+
+
 def fetch_run(url: str) -> Path:
     """Bring the newest complete remote checkpoint and the run's outputs into the local mirror; return it.
 

@@ -109,7 +109,10 @@ def write_bytes(location: str, payload: bytes) -> None:
         os.replace(temporary, location)
         return
     fs, path = filesystem(location)
-    with_retries(location, lambda: fs.pipe_file(path, payload))  # one PUT: S3 objects are never partial
+    try:
+        with_retries(location, lambda: fs.pipe_file(path, payload))  # one PUT: S3 objects are never partial
+    except FileNotFoundError:
+        raise DataError(f"{location}: cannot write there (no such bucket or container)") from None
 
 
 def list_files(pattern: str) -> list[str]:
