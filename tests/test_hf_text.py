@@ -164,3 +164,30 @@ def test_lora_trains_adapters_only_and_merges_into_the_backbone(bert: Path) -> N
     torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="model.lora: only hf towers"):
         config.load(None, ["model.lora={r: 4}"])
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.pretrained=nobody/no-such-model-xyz"], "model.pretrained: cannot load 'nobody/no-such-model-xyz'"),
+    (["model.pooling=cls", "model.freeze=[nothing.*]"], "model.freeze: 'nothing.*' matches no parameter"),
+    (['optim.lr_groups={"tower_b.*": 1.0e-5}'], "optim.lr_groups.tower_b.*: matches no trainable parameter"),
+])
+def test_twinscale_train_exits_2_before_anything_starts(bert: Path, tmp_path: Path, monkeypatch, capsys,
+                                                        overrides: list[str], message: str) -> None:
+    import json
+
+    from launch.cli import main as twinscale
+    from trainer.data.writer import write_shards
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps({"anchor": f"the {w}", "positive": w}) + "\n" for w in TEXTS))
+    write_shards(str(source), "pairs", tmp_path / "shards", samples_per_shard=2)
+    args = ["train"]
+    for override in [f"data.train={tmp_path / 'shards'}", "data.test=null", f"output_dir={tmp_path / 'runs'}",
+                     "name=bad", "dist.workers=1", "data.batch_size=2", "model.encoder=hf", f"model.pretrained={bert}",
+                     *overrides]:
+        args += ["--set", override]
+    assert twinscale(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "runs").exists()
