@@ -136,3 +136,42 @@ def test_image_text_pairs_of_mixed_formats_train(foreign: Path) -> None:
     assert batch["views"]["a"].shape == (8, 3, 16, 16) and batch["similar"].tolist() == [1.0] * 8
     evaluated = list(eval_batches(cfg.data.train, cfg.data, batch_size=64, preprocessors=plan.preprocessors))
     assert sum(len(b["keys"]) for b in evaluated) == 160 and evaluated[-1]["corrupt"] == 0
+
+
+def test_sources_mixed_by_weight_deterministically(tmp_path: Path) -> None:
+    # Source a: 4 shards, keys < 10000; source b: 1 shard, keys ≥ 10000. Equal weights draw b half the time
+    # (a union of the shards would give it a fifth).
+    write_img2dataset_shards(tmp_path / "a", shards=4, per_shard=40)
+    write_img2dataset_shards(tmp_path / "b", shards=1, per_shard=40, start=10_000)
+    cfg = config.load(None, ["data.train=[{path: " + f"'{tmp_path}/a/*.tar', weight: 1}}, {{path: '{tmp_path}/b/*.tar'"
+                             + ", weight: 1}]", "data.test=null", f"data.fields={TEXT_FIELDS}",
+                             "data.epoch_samples=1280", "data.batch_size=16", "data.shuffle_buffer=32"]).data
+    assert cfg.train_weights == (1.0, 1.0) and cfg.train == f"{tmp_path}/a/*.tar::{tmp_path}/b/*.tar"
+    epochs = [[k for b in train_batches(cfg.train, cfg, seed=5, epoch=e, rank=0, world_size=1) for k in b["keys"]]
+              for e in range(4)]
+    from_b = sum(int(key) >= 10_000 for keys in epochs for key in keys) / sum(len(keys) for keys in epochs)
+    assert all(len(keys) == 1280 for keys in epochs) and 0.35 < from_b < 0.65, from_b
+    again = [k for b in train_batches(cfg.train, cfg, seed=5, epoch=2, rank=0, world_size=1, skip_batches=3)
+             for k in b["keys"]]
+    assert again == epochs[2][3 * 16:]
+    with pytest.raises(ConfigError, match="data.epoch_samples"):
+        config.load(None, ["data.train=[{path: a, weight: 2}, {path: b, weight: 1}]"])
+    with pytest.raises(ConfigError, match="positive"):
+        config.load(None, ["data.train=[{path: a, weight: 0}]", "data.epoch_samples=10"])
+
+
+def test_twinscale_directories_mix_and_must_match(tmp_path: Path) -> None:
+    from trainer.data.writer import write_shards
+
+    write_shards("digits", "labeled", tmp_path / "v", test_fraction=0.4, seed=0, samples_per_shard=128)
+    write_shards("digits", "labeled", tmp_path / "i", test_fraction=0.4, seed=0, samples_per_shard=128,
+                 as_images=True)
+    one, two = tmp_path / "v" / "train", tmp_path / "v" / "test"
+    cfg = config.load(None, [f"data.train=[{{path: '{one}', weight: 3}}, {{path: '{two}', weight: 1}}]",
+                             "data.test=null", "data.epoch_samples=512", "data.batch_size=64"]).data
+    index = open_shard_set(cfg.train, None, None, 512, cfg.train_weights)
+    assert index.num_samples == 1797 and index.shards[0].file == str(one / "shard-000000.tar")
+    assert sum(s.weight for s in index.shards if s.file.startswith(str(one))) == pytest.approx(3.0)
+    assert len(list(train_batches(cfg.train, cfg, seed=0, epoch=0, rank=0, world_size=2))) == 4
+    with pytest.raises(DataError, match="mixed sources must match"):
+        open_shard_set(f"{one}::{tmp_path / 'i' / 'train'}", None, None, 512, (1.0, 1.0))

@@ -133,6 +133,36 @@ class DataConfig(Section):
     image: ImageConfig = ImageConfig()
     """How image views are decoded, augmented (training) and resized (evaluation, `twinscale embed`)."""
 
+    train_weights: tuple[float, ...] | None = Field(None, strict=False)
+    """Mixing weights of the `::`-separated sources of `train`, in order; set by the list form
+    `train: [{path: A, weight: 0.7}, {path: B, weight: 0.3}]`, which needs data.epoch_samples."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_sources(cls, raw: Any) -> Any:
+        # `train: [{path, weight}, ...]` (mixing) becomes one `::` spec plus its weights, so `train` stays a string.
+        train = raw.get("train") if isinstance(raw, dict) else None
+        if isinstance(train, list) and any(isinstance(item, dict) for item in train):
+            if not all(isinstance(item, dict) and set(item) <= {"path", "weight"} and "path" in item for item in train):
+                raise ValueError("data.train: a list of sources is [{path: SPEC, weight: W}, ...]")
+            weights = [item.get("weight", 1.0) for item in train]
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w > 0 for w in weights):
+                raise ValueError(f"data.train: source weights must be positive numbers, got {weights}")
+            raw = {**raw, "train": "::".join(str(item["path"]) for item in train),
+                   "train_weights": tuple(float(w) for w in weights)}
+        return raw
+
+    @model_validator(mode="after")
+    def _check_mixing(self) -> DataConfig:
+        if self.train_weights is not None:
+            if len(self.train_weights) != len(self.train.split("::")):
+                raise ValueError(f"data.train_weights: {len(self.train_weights)} weights for "
+                                 f"{len(self.train.split('::'))} sources of data.train")
+            if self.epoch_samples is None:
+                raise ValueError("data.epoch_samples: mixing sources (data.train as a list with weights) draws "
+                                 "shards by weight, so it needs an epoch length; set data.epoch_samples")
+        return self
+
     @field_validator("train", "test", mode="before")
     @classmethod
     def _join_shard_list(cls, value: Any) -> Any:

@@ -139,6 +139,8 @@ class ShardInfo:
 
     file: str
     samples: int
+    weight: float = 1.0
+    """Relative chance of being drawn in resampled mode (multi-source mixing: the source's weight / its shards)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,11 @@ class ShardIndex:
     def num_samples(self) -> int:
         """Samples over all shards."""
         return sum(shard.samples for shard in self.shards)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each shard file's resampling weight (ShardInfo.weight)."""
+        return {shard.file: shard.weight for shard in self.shards}
 
     def url(self, file: str) -> str:
         """Where shard `file` is read from: a path or URL."""

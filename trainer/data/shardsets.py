@@ -179,11 +179,13 @@ def _check_exist(spec: str, urls: list[str]) -> None:
 # --- Opening a shard set ---
 
 def open_shard_set(spec: str, fields: dict[str, str] | None = None, index: str | None = None,
-                   epoch_samples: int | None = None) -> ShardIndex:
+                   epoch_samples: int | None = None, weights: tuple[float, ...] | None = None) -> ShardIndex:
     """The index of the shard set `spec` names (see the module docstring); DataError names what is wrong.
 
     `index`: where the counts index is (default: index.json next to the shards); `epoch_samples`: set for a
     resampled training set, which may then have no counts (its shards count 0 samples)."""
+    if fields is None and weights is not None:
+        return _mixed_twinscale(spec, weights)
     if fields is None:
         if is_pattern(spec):
             raise DataError(f"{spec}: a WebDataset shard set needs data.fields, e.g. {{input: jpg;png, label: cls}}")
@@ -192,11 +194,15 @@ def open_shard_set(spec: str, fields: dict[str, str] | None = None, index: str |
         field_spec = parse_fields(fields)
     except ValueError as error:
         raise DataError(str(error)) from None
-    urls = expand(spec)
+    parts = [expand(part) for part in spec.split(LIST_SEPARATOR) if part.strip()] if weights else [expand(spec)]
+    urls = [url for part in parts for url in part]
+    # Mixing: a source's weight is shared by its shards, so each source is drawn with its weight whatever its size.
+    shard_weights = [w / len(part) for w, part in zip(weights or (1.0,), parts, strict=True) for _ in part]
     location = _common_parent(urls)
     counts = _counts(spec, urls, index or (remote.join(location, INDEX_FILE) if location else None),
                      required=epoch_samples is None)
-    shards = tuple(ShardInfo(_relative(url, location), counts.get(url, 0)) for url in urls)
+    shards = tuple(ShardInfo(_relative(url, location), counts.get(url, 0), weight)
+                   for url, weight in zip(urls, shard_weights, strict=True))
     views = {view: ViewSpec(exts[0], None, exts[1:]) for view, exts in field_spec.views.items()}
     return ShardIndex(kind=field_spec.kind, views=views, labels=field_spec.label is not None, num_classes=None,
                       shards=shards, source=spec, location=location, fields=dict(fields))
@@ -206,7 +212,23 @@ def open_data(spec: str, cfg: Any, *, train: bool = False) -> ShardIndex:
     """`open_shard_set` with a DataConfig's settings: its counts index for `data.train`/`data.test`, and resampled
     mode (`data.epoch_samples`) when streaming the training set for training (`train`)."""
     index = cfg.index if spec == cfg.train else cfg.test_index if spec == cfg.test else None
-    return open_shard_set(spec, cfg.fields, index, cfg.epoch_samples if train else None)
+    weights = cfg.train_weights if spec == cfg.train else None
+    return open_shard_set(spec, cfg.fields, index, cfg.epoch_samples if train else None, weights)
+
+
+def _mixed_twinscale(spec: str, weights: tuple[float, ...]) -> ShardIndex:
+    """Several Twinscale shard directories mixed by weight: one index of all their shards (as full paths/URLs)."""
+    indexes = [_twinscale_index(part.strip()) for part in spec.split(LIST_SEPARATOR) if part.strip()]
+    first = indexes[0]
+    for part, index in zip(spec.split(LIST_SEPARATOR), indexes, strict=True):
+        if (index.kind, index.views, index.labels) != (first.kind, first.views, first.labels):
+            raise DataError(f"data.train: source {part.strip()} holds {index.kind} shards of other views or labels "
+                            f"than the first source; mixed sources must match")
+    shards = tuple(ShardInfo(index.url(shard.file), shard.samples, weight / len(index.shards))
+                   for weight, index in zip(weights, indexes, strict=True) for shard in index.shards)
+    classes = [index.num_classes for index in indexes if index.num_classes is not None]
+    return dataclasses.replace(first, shards=shards, location="", source=spec,
+                               num_classes=max(classes) if classes else None)
 
 
 def _twinscale_index(location: str) -> ShardIndex:

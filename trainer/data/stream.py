@@ -406,8 +406,8 @@ class _SlotShards:
         if self.resample is not None:
             # Resampled mode: shards drawn with replacement. A pass is bounded (`_take` opens the next, seeded by
             # its number, when a pass runs short), so a set whose every shard fails ends in an error, not a loop.
-            rng = self.resample.rng("shards")
-            return ({"url": self.index.url(rng.choice(files))} for _ in range(4 * len(files) + 64))
+            rng, weights = self.resample.rng("shards"), [self.index.weights[file] for file in files]
+            return ({"url": self.index.url(rng.choices(files, weights)[0])} for _ in range(4 * len(files) + 64))
         return iter([{"url": self.index.url(file)} for file in files])
 
 
