@@ -132,3 +132,30 @@ def test_a_vision_run_plan_on_any_size_photos_and_its_export(vision_models: dict
     with torch.no_grad():
         assert torch.allclose(rebuilt(images), model(images), atol=1e-6)
         assert rebuilt(images).shape == (2, 32)  # no head: the backbone's width
+
+
+def test_dinov2_convnext_siglip_and_a_full_clip_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    small = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 37,
+             "image_size": 32, "patch_size": 8}
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        vision_config=small, text_config={**small, "vocab_size": 64, "bos_token_id": 0, "eos_token_id": 1},
+        projection_dim=16))
+    models = {
+        "dinov2": (transformers.Dinov2Model(transformers.Dinov2Config(**small)), "pooler_output", 32),
+        "convnext": (transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[8, 16], depths=[1, 1],
+                                                                            num_stages=2)), "pooler_output", 16),
+        "siglip": (transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**small)), "pooler_output", 32),
+        "clip-full": (clip, None, 32),
+    }
+    images = torch.randn(2, 3, 32, 32)
+    for name, (model, output, width) in models.items():
+        model.save_pretrained(tmp_path / name)
+        encoder = HFVisionEncoder(str(tmp_path / name)).eval()
+        assert encoder.out_dim == width, name
+        with torch.no_grad():
+            if output is None:  # a full CLIP checkpoint: its vision tower's pooled output
+                expected = clip.vision_model.eval()(pixel_values=images).pooler_output
+            else:
+                expected = getattr(model.eval()(pixel_values=images), output).flatten(1)
+            assert torch.allclose(encoder(images), expected, atol=1e-5), name
