@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("spec", help="tar files: a brace pattern, glob or :: list of paths/URLs, or a directory")
     scan.add_argument("--out", required=True, help="index to write (path or URL), e.g. next to the shards")
     scan.add_argument("--processes", type=int, help="counting processes (default: one per core)")
+    scan.add_argument("--address", help="count with Ray tasks on this cluster (ray://HEAD:10001 or auto; "
+                      "'local' starts Ray here), for thousands of shards")
 
     embed = commands.add_parser("embed", help="embed an image folder, a text file or shards with a trained model")
     embed.add_argument("model", type=Path, help="a run directory or its model/ directory")
@@ -266,7 +268,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from trainer.data.scan import scan
 
     started = time.perf_counter()
-    index = scan(args.spec, args.out, processes=args.processes)
+    counter = None
+    if args.address is not None:
+        from launch.scan import ray_counter
+
+        counter = ray_counter(None if args.address == "local" else args.address)
+    index = scan(args.spec, args.out, processes=args.processes, counter=counter)
     print(f"{index['num_samples']} samples in {len(index['shards'])} shards → {args.out} "
           f"({time.perf_counter() - started:.1f} s); use it with --set data.index={args.out}")
     return 0
