@@ -11,7 +11,9 @@ Evaluation (`eval_batches`): every sample once, in index order, last partial bat
 streams a contiguous share of that order (`eval_share`).
 
 A batch is a plain dict:
-    views:   {view: float32 tensor [B, *shape] (npy), float32 [B, C, H, W] in [0, 1] (png/jpg), or TextBatch (txt)}
+    views:   {view: what the view's Preprocessor collates (trainer/data/preprocess.py): float32 [B, *shape] (npy),
+              float32 [B, C, H, W] images (in [0, 1] at their stored size, or cropped and normalised by
+              ImagePreprocessor), TextBatch (hashed n-grams) or TokenBatch (a tokenizer's ids) for text}
     labels:  {view: int64 tensor [B]}, only when the shards carry class ids
     content: {view: int64 tensor [B]}, a hash of each item's member bytes (equal bytes, equal id)
     similar: float32 tensor [B], pairs only (1.0 for similar)
