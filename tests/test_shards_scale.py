@@ -191,3 +191,27 @@ def test_labeled_sources_keep_sampling_in_memory_and_vectors_unchanged(tmp_path:
     two = write_shards("digits", "pairs", tmp_path / "two", seed=3, samples_per_shard=400, workers=2)
     assert one == two and files(tmp_path / "one") == files(tmp_path / "two")
     assert np.sum([s.samples for s in one["all"].shards]) == 1797
+
+
+def _peak_rss_mib(table: Path, out: Path) -> float:
+    """Peak resident memory of `twinscale shards TABLE` in a fresh process (its own ru_maxrss)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from launch.cli import main; sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen([sys.executable, "-c", code, "shards", str(table), "--kind", "pairs", "--out",
+                                str(out), "--test-fraction", "0.1", "--samples-per-shard", "500"],
+                               cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return usage.ru_maxrss / 1024
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_table(tmp_path: Path) -> None:
+    """100× more rows, the same peak memory (± noise): rows stream, nothing is held per row (bench/shards.py
+    measures the writer that held every record against this one)."""
+    small, large = pairs_jsonl(tmp_path / "small.jsonl", 2_000), pairs_jsonl(tmp_path / "large.jsonl", 200_000)
+    growth = _peak_rss_mib(large, tmp_path / "large") - _peak_rss_mib(small, tmp_path / "small")
+    assert growth < 30, f"peak memory grew by {growth:.0f} MiB from 2,000 to 200,000 rows"
