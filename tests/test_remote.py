@@ -241,3 +241,39 @@ def test_a_worker_checks_it_can_write_a_remote_output_dir(s3: str, tmp_path: Pat
     assert fs.find(root) == []
     with pytest.raises(preflight.WorkerPathError, match="s3://no-such-bucket-for-runs/runs/r.*no such bucket"):
         preflight._check_run_dir(remote_runs.local_mirror("s3://no-such-bucket-for-runs/runs/r"), "worker 0")
+
+
+@pytest.fixture(scope="module")
+def s3_with_auth() -> Iterator[str]:
+    """A second loopback S3 server that checks credentials (moto's IAM auth on from the first request)."""
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**remote.os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield f"http://127.0.0.1:{port}"
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_refused_credentials_are_one_line_naming_the_url(s3_with_auth: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    s3_env(monkeypatch, s3_with_auth)  # keys the server does not know
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+    out = tmp_path / "index.json"
+    assert twinscale(["scan", "s3://guarded/train/{00000..00003}.tar", "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: s3://guarded/") and "credentials" in error and "\n" not in error, error
+    assert not out.exists()
