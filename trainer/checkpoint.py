@@ -21,6 +21,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from trainer.errors import CheckpointError, DataError
 from trainer.objectives.gather import default_collective
 from trainer.objectives.memory import MemoryBank
-from trainer.remote_runs import fetch_run, remote_of, upload_checkpoint, upload_outputs
+from trainer.remote_runs import fetch_run, finish_checkpoint, remote_of, upload_files, upload_outputs
 
 STATE_FILE = "run_state.json"
 MEMORY_FILE = "memory.safetensors"
@@ -118,27 +119,43 @@ def save(engine: Any, run_dir: Path, state: RunState, keep_last: int, rank: int,
         reason = f": {failure}" if failure else f" on rank(s) {', '.join(map(str, failed_ranks))}"
         raise CheckpointError(f"{target}: checkpoint could not be written{reason}; the newest complete checkpoint "
                               f"is {previous if previous else 'none'} (resume from it once the storage is fixed)")
+    url = remote_of(run_dir)
+    if url is not None:  # every node uploads the files its ranks wrote, before the checkpoint is marked complete
+        uploaded = _remote_step(lambda: upload_files(staging, url, target.name)) if _local_rank(rank) == 0 else None
+        if _ranks_failing(uploaded is not None):
+            if rank == 0:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise CheckpointError(f"{target}: not published to {url} ({uploaded or 'on another node'}); the newest "
+                                  f"complete checkpoint there is unchanged; fix the storage or credentials and resume")
     published: str | None = None
     if rank == 0:
         write_json_atomic(staging / STATE_FILE, asdict(state))
         _publish(staging, target)
         for old in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-        published = _upload(run_dir, target, keep_last)
+        if url is not None:
+            published = _remote_step(lambda: _finish_remote(run_dir, target, url, keep_last))
     if _ranks_failing(published is not None):  # also the barrier that ends the save on every rank
-        raise CheckpointError(f"{target}: saved here but not published to {remote_of(run_dir)} "
-                              f"({published or 'see rank 0'}); fix the storage or credentials and resume")
+        raise CheckpointError(f"{target}: saved here but not published to {url} ({published or 'see rank 0'}); "
+                              f"fix the storage or credentials and resume")
+    if url is not None and rank != 0 and _local_rank(rank) == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # another node's copy: published, never renamed here
     return target
 
 
-def _upload(run_dir: Path, target: Path, keep_last: int) -> str | None:
-    """Publish a complete checkpoint of a run whose output_dir is a URL (trainer.remote_runs); what failed."""
-    url = remote_of(run_dir)
-    if url is None:
-        return None
+def _finish_remote(run_dir: Path, target: Path, url: str, keep_last: int) -> None:
+    upload_outputs(run_dir, url)
+    finish_checkpoint(target, url, keep_last)
+
+
+def _local_rank(rank: int) -> int:
+    return int(os.environ.get("LOCAL_RANK", rank))
+
+
+def _remote_step(step: Callable[[], object]) -> str | None:
+    """Run one upload step of a remote checkpoint; what failed, instead of raising (ranks stay in step)."""
     try:
-        upload_outputs(run_dir, url)
-        upload_checkpoint(target, url, keep_last)
+        step()
     except (DataError, OSError) as error:
         return str(error)
     return None
@@ -210,7 +227,7 @@ def _fetch_remote(run_dir: Path, rank: int) -> None:
     if url is None:
         return
     failure = None
-    if int(os.environ.get("LOCAL_RANK", rank)) == 0:
+    if _local_rank(rank) == 0:
         try:
             fetch_run(url)
         except (DataError, CheckpointError, OSError) as error:

@@ -4,11 +4,11 @@ Training writes a run directory with plain file operations (DeepSpeed's checkpoi
 with a remote `output_dir` works in a local mirror — `$TWINSCALE_RUN_CACHE` (default `~/.cache/twinscale/runs`)
 `/<scheme>/<bucket>/<path>/<name>` — and publishes it:
 
-- a checkpoint, once complete locally (trainer.checkpoint's staged-then-renamed save), is uploaded file by file
-  with `run_state.json` last: as locally, a remote checkpoint is complete exactly when its `run_state.json`
-  exists, so a crash during an upload leaves an incomplete prefix that is never resumed from (and is removed by
-  the next upload). Older remote checkpoints are pruned to `keep_last` only after the new one is complete,
-  each by deleting its `run_state.json` first;
+- a checkpoint is uploaded file by file, each node uploading the files its own ranks wrote (nodes need not
+  share a disk), and `run_state.json` last, by rank 0, once every node's upload succeeded: as locally, a remote
+  checkpoint is complete exactly when its `run_state.json` exists, so a crash during an upload leaves an
+  incomplete prefix that is never resumed from (and is removed by the next upload). Older remote checkpoints
+  are pruned to `keep_last` only after the new one is complete, each by deleting its `run_state.json` first;
 - the run's other outputs (config.yaml, metrics.jsonl, train_loss.jsonl, final_metrics.json, model/) are
   uploaded with each checkpoint and at the end of the run; the W&B directory is not (W&B syncs itself);
 - a resume (`twinscale resume s3://bucket/runs/NAME`, or `--resume` with the same output_dir on any machine)
@@ -52,14 +52,27 @@ def remote_of(run_dir: Path) -> str | None:
 
 def upload_checkpoint(checkpoint: Path, url: str, keep_last: int) -> None:
     """Publish a complete local checkpoint under `url/checkpoints/`, run_state.json last; prune older ones."""
+    upload_files(checkpoint, url, checkpoint.name)
+    finish_checkpoint(checkpoint, url, keep_last)
+
+
+def upload_files(directory: Path, url: str, name: str) -> None:
+    """Upload a checkpoint's files but its run_state.json to `url/checkpoints/name/` (each node its own ranks')."""
+    fs, root = remote.filesystem(url)
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != STATE_FILE):
+        remote.with_retries(url, lambda p=path: fs.put_file(str(p), f"{root}/checkpoints/{name}/"
+                                                                     f"{p.relative_to(directory).as_posix()}"))
+
+
+def finish_checkpoint(checkpoint: Path, url: str, keep_last: int) -> None:
+    """Mark a remote checkpoint complete (its run_state.json, last), then tidy: incomplete prefixes left by a
+    crashed upload go, complete ones beyond `keep_last` go, each by its run_state.json first."""
     fs, root = remote.filesystem(url)
     target = f"{root}/checkpoints/{checkpoint.name}"
-    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
-    for path in [p for p in files if p.name != STATE_FILE] + [checkpoint / STATE_FILE]:
-        remote.with_retries(url, lambda p=path: fs.put_file(str(p), f"{target}/{p.relative_to(checkpoint)}"))
+    remote.with_retries(url, lambda: fs.put_file(str(checkpoint / STATE_FILE), f"{target}/{STATE_FILE}"))
     complete, incomplete = remote_checkpoints(url)
     for name in incomplete:
-        if name != checkpoint.name:  # left by an upload that crashed
+        if name != checkpoint.name:
             remote.with_retries(url, lambda n=name: fs.rm(f"{root}/checkpoints/{n}", recursive=True))
     for name in complete[:-keep_last]:
         remote.with_retries(url, lambda n=name: fs.rm_file(f"{root}/checkpoints/{n}/{STATE_FILE}"))
