@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--as-images", action="store_true", help="digits: write 8x8 PNG images, not vectors")
     shards.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     shards.add_argument("--workers", type=int, default=1, help="processes writing shards (same output as one)")
+    shards.add_argument("--pack", type=int, default=1, help="samples per tar sample, for small npy/txt samples (a "
+                        "block of N: fast to stream, same batches); 1 = one sample per tar sample")
 
     scan = commands.add_parser("scan", help="count the samples of a WebDataset shard set once (its index)")
     scan.add_argument("spec", help="tar files: a brace pattern, glob or :: list of paths/URLs, or a directory")
@@ -258,7 +260,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
     written = write_shards(args.source, args.kind, args.out, test_fraction=args.test_fraction, seed=args.seed,
                            samples_per_shard=args.samples_per_shard, pairs_per_item=args.pairs_per_item,
-                           as_images=args.as_images, overwrite=args.overwrite, workers=args.workers)
+                           as_images=args.as_images, overwrite=args.overwrite, workers=args.workers,
+                           pack=args.pack)
     for split, index in written.items():
         print(f"{split}: {index.num_samples} {index.kind} samples in {len(index.shards)} shards")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from trainer.errors import ConfigError
 
@@ -116,8 +116,11 @@ class DataConfig(Section):
     """Samples per batch on each worker (the global batch is this times the number of workers)."""
     shuffle_buffer: int = Field(512, ge=0)
     """Size of the in-stream sample shuffle buffer (0 disables it)."""
-    loader_workers: int = Field(1, ge=0)
-    """DataLoader processes per worker (0 reads in the training process)."""
+    loader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = 1
+    """DataLoader processes per worker (0 reads in the training process), or `auto`: min(dist.cpus_per_worker − 1,
+    training shards per rank, 4), at least 0, resolved when the epoch is planned (the same on every rank)."""
+    _cpus_per_worker: int = PrivateAttr(1)
+    """dist.cpus_per_worker of the run (set by Config), the CPU budget `auto` loader workers share."""
     on_corrupt: Literal["skip", "raise"] = "skip"
     """What a corrupt or incomplete sample does: skipped and counted, or an error."""
     text_buckets: int = Field(2**18, ge=16)
@@ -136,6 +139,12 @@ class DataConfig(Section):
     train_weights: tuple[float, ...] | None = Field(None, strict=False)
     """Mixing weights of the `::`-separated sources of `train`, in order; set by the list form
     `train: [{path: A, weight: 0.7}, {path: B, weight: 0.3}]`, which needs data.epoch_samples."""
+
+    def workers_for(self, shards: int, world_size: int) -> int:
+        """DataLoader processes per rank: `loader_workers`, or the `auto` rule for `shards` training shards."""
+        if self.loader_workers != "auto":
+            return self.loader_workers
+        return max(0, min(self._cpus_per_worker - 1, shards // max(1, world_size), 4))
 
     @model_validator(mode="before")
     @classmethod
@@ -527,6 +536,7 @@ class Config(Section):
         if self.model.encoder_b is not None and self.model.architecture == "siamese":
             raise ValueError("model.encoder_b: a siamese model has one shared tower; set "
                              "model.architecture=pseudo_siamese to give tower B its own encoder")
+        self.data._cpus_per_worker = self.dist.cpus_per_worker  # for data.loader_workers: auto
         return self
 
     @property

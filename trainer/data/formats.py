@@ -167,6 +167,9 @@ class ShardIndex:
     fields: dict[str, str] | None = None
     """A foreign WebDataset set's field map (data.fields); None for a Twinscale set. The stream renames its
     members into Twinscale's (`trainer.data.shardsets.FieldMap`) right after reading them."""
+    pack: int = 1
+    """Samples per tar sample (`twinscale shards --pack N`): each tar sample is a block of up to `pack` samples
+    (trainer/data/packed.py); shard counts stay in samples. 1: one sample per tar sample."""
 
     @property
     def num_samples(self) -> int:
@@ -190,6 +193,10 @@ class ShardIndex:
             from trainer.data.shardsets import raw_members
 
             return raw_members(self.fields)
+        if self.pack > 1:
+            from trainer.data.packed import block_members
+
+            return block_members(self)
         names = {f"{view}.{ext}" for view, spec in self.views.items() for ext in spec.exts}
         if self.labels:
             names |= {cls_member(self.kind, view) for view in self.views}
@@ -198,6 +205,7 @@ class ShardIndex:
         return names
 
     def to_json(self) -> dict[str, object]:
+        packing = {"pack": self.pack} if self.pack > 1 else {}  # unpacked sets keep their index.json unchanged
         return {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -209,6 +217,7 @@ class ShardIndex:
             "shards": [{"file": shard.file, "samples": shard.samples} for shard in self.shards],
             "split": self.split,
             "source": self.source,
+            **packing,
         }
 
 
@@ -261,9 +270,12 @@ def _parse_index(raw: object) -> ShardIndex:
     num_classes = raw.get("num_classes")
     if num_classes is not None:
         _expect(num_classes, int, "num_classes")
+    pack = _expect(raw.get("pack", 1), int, "pack")
+    if pack < 1 or (pack > 1 and any(spec.ext not in ("npy", "txt") for spec in views.values())):
+        raise ValueError(f"pack {pack} must be ≥ 1, and > 1 only for npy and txt views")
     index = ShardIndex(kind=kind, views=views, labels=_expect(raw["labels"], bool, "labels"),
                        num_classes=num_classes, shards=shards, split=raw.get("split"),
-                       source=str(raw.get("source", "")))
+                       source=str(raw.get("source", "")), pack=pack)
     if raw.get("num_samples") != index.num_samples:
         raise ValueError(f"num_samples {raw.get('num_samples')!r} != {index.num_samples}, the sum over shards")
     return index

@@ -221,9 +221,9 @@ def _mixed_twinscale(spec: str, weights: tuple[float, ...]) -> ShardIndex:
     indexes = [_twinscale_index(part.strip()) for part in spec.split(LIST_SEPARATOR) if part.strip()]
     first = indexes[0]
     for part, index in zip(spec.split(LIST_SEPARATOR), indexes, strict=True):
-        if (index.kind, index.views, index.labels) != (first.kind, first.views, first.labels):
-            raise DataError(f"data.train: source {part.strip()} holds {index.kind} shards of other views or labels "
-                            f"than the first source; mixed sources must match")
+        if (index.kind, index.views, index.labels, index.pack) != (first.kind, first.views, first.labels, first.pack):
+            raise DataError(f"data.train: source {part.strip()} holds {index.kind} shards of other views, labels or "
+                            f"packing (--pack) than the first source; mixed sources must match")
     shards = tuple(ShardInfo(index.url(shard.file), shard.samples, weight / len(index.shards))
                    for weight, index in zip(weights, indexes, strict=True) for shard in index.shards)
     classes = [index.num_classes for index in indexes if index.num_classes is not None]

@@ -48,8 +48,10 @@ import webdataset as wds
 from trainer.config import DataConfig
 from trainer.data.balance import ClassBalancedBatches, check_balanced_shards
 from trainer.data.formats import ShardIndex, ShardInfo, ViewSpec, cls_member, view_member
+from trainer.data.packed import Block, read_block
 from trainer.data.preprocess import (  # noqa: F401 - decoders re-exported for callers of this module
     IMAGE_FORMATS,
+    ArrayPreprocessor,
     ImageSizeError,
     Preprocessor,
     SampleContext,
@@ -60,6 +62,7 @@ from trainer.data.preprocess import (  # noqa: F401 - decoders re-exported for c
     default_preprocessors,
 )
 from trainer.data.shardsets import open_data, shard_samples
+from trainer.data.sources import encode_npy
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -181,14 +184,15 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world_size {world_size}")
     check_balanced_shards(index, cfg, shard_dir)
+    workers = cfg.workers_for(len(index.shards), world_size)
 
     def open_pass(number: int) -> torch.utils.data.DataLoader:
         stream = _StreamSeed(seed, epoch, rank, number)
         pipeline = _pipeline(index, cfg, preprocessors, plan.slots[rank], cfg.batch_size, stream=stream)
         # The loader draws its workers' base seed from `generator`, not from torch's global RNG: opening an epoch
         # must not move the stream that dropout draws from, or a resumed run would drift from an uninterrupted one.
-        return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=cfg.loader_workers,
-                                           generator=stream.torch_generator(),
+        return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers,
+                                           generator=stream.torch_generator(), collate_fn=_as_is,
                                            worker_init_fn=_ignore_stop_signals)
 
     first = _worker_batches(open_pass(0)) if start else None
@@ -200,11 +204,17 @@ def epoch_plan(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int,
                index: ShardIndex | None = None) -> EpochPlan:
     """The plan of one training epoch, with errors naming the shard directory."""
     try:
-        return plan_epoch(index or open_data(str(shard_dir), cfg, train=True), seed=seed, epoch=epoch,
-                          world_size=world_size, loader_workers=cfg.loader_workers, batch_size=cfg.batch_size,
+        index = index or open_data(str(shard_dir), cfg, train=True)
+        return plan_epoch(index, seed=seed, epoch=epoch, world_size=world_size,
+                          loader_workers=cfg.workers_for(len(index.shards), world_size), batch_size=cfg.batch_size,
                           epoch_samples=cfg.epoch_samples)
     except DataError as error:
         raise DataError(f"{shard_dir}: {error}") from None
+
+
+def _as_is(batch: Any) -> Any:
+    # The pipeline makes finished batches: torch's default (default_convert) would only walk and rebuild them.
+    return batch
 
 
 def _ignore_stop_signals(worker: int) -> None:
@@ -250,6 +260,7 @@ def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int, ran
     pipeline = wds.DataPipeline(
         _SlotShards(index, (tuple(share),), state),
         shard_samples(state.tar_error, _DeclaredMembers(index.members()), index.fields),
+        _UnpackBlocks(index, state),
         _SamplesInShare(index, share),  # before decoding: a sample outside the share costs no decode
         wds.map(SampleDecoder(index, preprocessors, state)),
         wds.batched(batch_size, collation_fn=BatchCollator(index, preprocessors, state), partial=True),
@@ -306,6 +317,7 @@ def _pipeline(index: ShardIndex, cfg: DataConfig, preprocessors: dict[str, Prepr
     return wds.DataPipeline(
         _SlotShards(index, slots, state, resample=stream if cfg.epoch_samples is not None else None),
         shard_samples(state.tar_error, _DeclaredMembers(index.members()), index.fields),
+        _UnpackBlocks(index, state),  # before the shuffle buffer: a packed set is shuffled sample by sample
         functools.partial(stream.shuffle, cfg.shuffle_buffer) if stream and cfg.shuffle_buffer else None,
         wds.map(SampleDecoder(index, preprocessors, state, seed=stream.seed if stream else 0,
                               epoch=stream.epoch if stream else 0, train=stream is not None)),
@@ -438,6 +450,32 @@ class _StreamSeed:
         return wds.shuffle(bufsize, initial=bufsize, rng=self.rng())(samples)
 
 
+class _UnpackBlocks:
+    """Pipeline stage of a packed set (index.pack > 1; trainer/data/packed.py): each block becomes its samples, in
+    stored order, as `{"__key__", "__url__", "__block__", "__row__"}`; `SampleDecoder` reads them from the block.
+    A corrupt block is skipped and counted (as one corrupt sample), or raises. Unpacked sets pass through."""
+
+    def __init__(self, index: ShardIndex, state: _WorkerState) -> None:
+        self.index, self.state = index, state
+
+    def __call__(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self.index.pack == 1:
+            yield from samples
+            return
+        for raw in samples:
+            try:
+                block = read_block(self.index, raw)
+            except Exception as error:  # any decoder failure is a corrupt block, never a crash of the stream
+                if self.state.on_corrupt == "raise":
+                    raise DataError(f"{raw.get('__url__')}: block {raw.get('__key__')}: {type(error).__name__}: "
+                                    f"{error}; set data.on_corrupt=skip to skip corrupt samples") from None
+                self.state.corrupt += 1
+                continue
+            url = raw.get("__url__")
+            for row, key in enumerate(block.keys):
+                yield {"__key__": key, "__url__": url, "__block__": block, "__row__": row}
+
+
 class _DeclaredMembers:
     """select_files predicate: only members declared in index.json are read from the tar at all."""
 
@@ -478,6 +516,8 @@ class SampleDecoder:
 
     def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
         """{"__key__", "views": {view: row}, "labels": {view: int}, "similar": float (pairs)}."""
+        if "__block__" in sample:
+            return self.decode_packed(sample["__block__"], sample["__row__"])
         kind = self.index.kind
         context = SampleContext(str(sample["__key__"]), self.seed, self.epoch, self.train)
         views = {view: self.view(sample, view, spec, context) for view, spec in self.index.views.items()}
@@ -490,6 +530,34 @@ class SampleDecoder:
         if kind == "pairs":
             decoded["similar"] = _similar(_member(sample, "similar"))
         return decoded
+
+    def decode_packed(self, block: Block, row: int) -> dict[str, Any]:
+        """`decode` of sample `row` of a packed block: the same result as its unpacked members would give."""
+        key = block.keys[row]
+        context = SampleContext(key, self.seed, self.epoch, self.train)
+        views = {view: self.packed_view(block, view, row, context) for view in self.index.views}
+        labels = {view: int(block.labels[view][row]) for view in views} if self.index.labels else {}
+        decoded: dict[str, Any] = {"__key__": key, "views": views, "labels": labels,
+                                   "content": {view: int(block.content[view][row]) for view in views}}
+        if block.similar is not None:
+            decoded["similar"] = float(block.similar[row])
+        return decoded
+
+    def packed_view(self, block: Block, view: str, row: int, context: SampleContext) -> Any:
+        """One view's row from a block: plain arrays straight from the block's float32 copy (what `decode_npy`
+        makes of each row), anything else through the view's Preprocessor from the bytes the row unpacks to."""
+        preprocessor, items = self.preprocessors[view], block.items[view]
+        try:
+            if isinstance(items, list):
+                return preprocessor.prepare(items[row], "txt", context)
+            if type(preprocessor) is ArrayPreprocessor:
+                rows = block.float32(view)
+                if preprocessor.shape is not None and rows.shape[1:] != preprocessor.shape:
+                    raise ValueError(f"shape {list(rows.shape[1:])} differs from index.json {list(preprocessor.shape)}")
+                return rows[row]
+            return preprocessor.prepare(encode_npy(items[row]), "npy", context)
+        except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
+            raise CorruptSample(f"{view}: cannot decode ({type(error).__name__}: {error})") from None
 
     def view(self, sample: dict[str, Any], view: str, spec: ViewSpec, context: SampleContext) -> Any:
         """One view's row, as its Preprocessor prepares it from the member's bytes."""

@@ -17,6 +17,7 @@ last, so a set is never readable as complete before it is, and a failure removes
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -44,6 +45,7 @@ from trainer.data.formats import (
     cls_member,
     write_index,
 )
+from trainer.data.packed import pack_block
 from trainer.data.sources import ImageSummary, Item, Source, Table, read_source
 from trainer.errors import DataError
 
@@ -54,7 +56,7 @@ SPLIT_STREAMS = {None: 0, "train": 1, "test": 2}
 
 def write_shards(source: str, kind: str, out_dir: str | Path, *, test_fraction: float | None = None, seed: int = 0,
                  samples_per_shard: int = 128, pairs_per_item: int = 1, as_images: bool = False,
-                 overwrite: bool = False, workers: int = 1) -> dict[str, ShardIndex]:
+                 overwrite: bool = False, workers: int = 1, pack: int = 1) -> dict[str, ShardIndex]:
     """Write SOURCE as `kind` shards; returns {"train": …, "test": …} when split, else {"all": …}.
 
     With `test_fraction`, into `out_dir/train/` and `out_dir/test/`; without it, into `out_dir/` (a directory or
@@ -62,24 +64,29 @@ def write_shards(source: str, kind: str, out_dir: str | Path, *, test_fraction: 
     (`pairs_per_item` per item); the rows of a pairs/triplets table each go to the test split when
     blake2b(seed, the row's first column) < test_fraction (`in_test_split`), so the split streams, rows sharing
     their first column (a query, an image) stay together, and its size is test_fraction only on average.
-    `workers` processes write the shards (the output is the same as with one).
+    `workers` processes write the shards (the output is the same as with one). With `pack` > 1, each tar sample
+    is a block of up to `pack` samples (npy and txt views only; trainer/data/packed.py).
     """
+    if pack < 1:
+        raise DataError(f"--pack must be at least 1, got {pack}")
     _check_arguments(kind, test_fraction, samples_per_shard, pairs_per_item, workers)
     target = open_target(str(out_dir), overwrite)
     data = read_source(source, as_images=as_images)
     _check_kind(data, kind)
     with target.staged() as staging, ShardPool(workers) as pool:
         if isinstance(data, Table):
-            return _write_table(data, kind, staging, pool, test_fraction, seed, samples_per_shard)
+            return _write_table(data, kind, staging, pool, test_fraction, seed, samples_per_shard, pack)
         splits = split_records(data, test_fraction, seed)
         sinks = {}
         for split, positions in splits.items():
             tuples = _tuples(data, kind, positions, pairs_per_item, np.random.default_rng([seed % 2**63,
                                                                                           SPLIT_STREAMS[split]]))
-            sinks[split] = ShardSink(_split_location(staging, split), kind, data.labeled, samples_per_shard, pool)
+            sinks[split] = ShardSink(_split_location(staging, split), kind, data.labeled, samples_per_shard, pool,
+                                     pack=pack)
             sinks[split].extend(tuples)
         specs = data.view_specs or data.spec
-        return _publish(sinks, kind, specs, labeled=data.labeled, num_classes=data.num_classes(), source=data.name)
+        return _publish(sinks, kind, specs, labeled=data.labeled, num_classes=data.num_classes(), source=data.name,
+                        pack=pack)
 
 
 def in_test_split(seed: int, key: bytes, fraction: float) -> bool:
@@ -92,11 +99,12 @@ def in_test_split(seed: int, key: bytes, fraction: float) -> bool:
 
 
 def _write_table(table: Table, kind: str, location: str, pool: ShardPool, test_fraction: float | None, seed: int,
-                 samples_per_shard: int) -> dict[str, ShardIndex]:
+                 samples_per_shard: int, pack: int = 1) -> dict[str, ShardIndex]:
     """Stream a table's rows into shards (one pass; labels and image headers summarised on the way)."""
     splits: tuple[str | None, ...] = ("train", "test") if test_fraction is not None else (None,)
     images = (0,) if table.images else ()
-    sinks = {split: ShardSink(_split_location(location, split), kind, table.labeled, samples_per_shard, pool, images)
+    sinks = {split: ShardSink(_split_location(location, split), kind, table.labeled, samples_per_shard, pool, images,
+                              pack=pack)
              for split in splits}
     classes: set[int] = set()
     records = 0
@@ -112,7 +120,7 @@ def _write_table(table: Table, kind: str, location: str, pool: ShardPool, test_f
     if not records:
         raise DataError(f"{table.name}: no records")
     return _publish(sinks, kind, None, labeled=table.labeled, num_classes=len(classes) if table.labeled else None,
-                    source=table.name)
+                    source=table.name, pack=pack)
 
 
 def _split_location(location: str, split: str | None) -> str:
@@ -120,7 +128,7 @@ def _split_location(location: str, split: str | None) -> str:
 
 
 def _publish(sinks: dict[str | None, ShardSink], kind: str, specs: ViewSpec | tuple[ViewSpec, ...] | None, *,
-             labeled: bool, num_classes: int | None, source: str) -> dict[str, ShardIndex]:
+             labeled: bool, num_classes: int | None, source: str, pack: int = 1) -> dict[str, ShardIndex]:
     """Wait for every shard of every split, then write each split's index.json (last: the set is complete)."""
     written = {split: sink.close() for split, sink in sinks.items()}
     indexes = {}
@@ -132,7 +140,8 @@ def _publish(sinks: dict[str | None, ShardSink], kind: str, specs: ViewSpec | tu
         if view_specs is None:  # a table: its texts as txt, an image column summarised from the image headers
             text = ViewSpec("txt", None)
             view_specs = (images[0].spec(), text) if images else (text,) * len(KIND_VIEWS[kind])
-        indexes[split] = _shard_index(kind, view_specs, labeled, num_classes, shards, split, source)
+        index = _shard_index(kind, view_specs, labeled, num_classes, shards, split, source)
+        indexes[split] = dataclasses.replace(index, pack=pack)
     for split, index in indexes.items():
         publish_index(sinks[split].location, index)
     return {split or "all": index for split, index in indexes.items()}
@@ -331,15 +340,15 @@ class ClassIndex:
 def write_tuples(directory: Path, kind: str, tuples: Iterable[Tuple], spec: ViewSpec | tuple[ViewSpec, ...], *,
                  labeled: bool,
                  num_classes: int | None, samples_per_shard: int, split: str | None = None,
-                 source: str = "") -> ShardIndex:
+                 source: str = "", pack: int = 1) -> ShardIndex:
     """Write `tuples` (consumed one shard at a time) as `kind` shards in `directory`, then its index.json.
 
     `spec` describes every view, or each view in KIND_VIEWS order (image–text pairs)."""
     with ShardPool(1) as pool:
-        sink = ShardSink(str(directory), kind, labeled, samples_per_shard, pool)
+        sink = ShardSink(str(directory), kind, labeled, samples_per_shard, pool, pack=pack)
         sink.extend(tuples)
         return _publish({split: sink}, kind, spec, labeled=labeled, num_classes=num_classes,
-                        source=source)[split or "all"]
+                        source=source, pack=pack)[split or "all"]
 
 
 class ShardPool:
@@ -378,8 +387,10 @@ class ShardSink:
     """One split's samples, cut into shards of `samples_per_shard` in arrival order and written by `pool`."""
 
     def __init__(self, location: str, kind: str, labeled: bool, samples_per_shard: int, pool: ShardPool,
-                 image_views: tuple[int, ...] = ()) -> None:
+                 image_views: tuple[int, ...] = (), pack: int = 1) -> None:
         self.location, self.kind, self.labeled, self.size, self.pool = location, kind, labeled, samples_per_shard, pool
+        self.pack = pack
+        """Samples per tar sample (trainer/data/packed.py); 1: unpacked."""
         self.image_views = image_views
         """Positions of the views whose image headers are summarised into the view spec (an image table)."""
         self.chunk: list[Tuple] = []
@@ -400,7 +411,7 @@ class ShardSink:
         if self.chunk:
             name = SHARD_PATTERN.format(len(self.shards))
             self.shards.append((name, self.pool.submit(write_shard_file, remote.join(self.location, name), self.kind,
-                                                       self.chunk, self.labeled, self.image_views)))
+                                                       self.chunk, self.labeled, self.image_views, self.pack)))
             self.chunk = []
 
     def close(self) -> tuple[list[ShardInfo], list[ImageSummary]]:
@@ -423,7 +434,7 @@ class ShardSummary:
 
 
 def write_shard_file(location: str, kind: str, samples: list[Tuple], labeled: bool,
-                     image_views: tuple[int, ...] = ()) -> ShardSummary:
+                     image_views: tuple[int, ...] = (), pack: int = 1) -> ShardSummary:
     """Write one shard (a path or a URL) and summarise its image views; runs in a pool worker or in-process."""
     images = [ImageSummary() for _ in image_views]
 
@@ -435,10 +446,15 @@ def write_shard_file(location: str, kind: str, samples: list[Tuple], labeled: bo
                     summary.add(item.path, item.ext)
             yield tar_sample(kind, sample, labeled)
 
+    def blocks() -> Iterator[dict[str, bytes | str]]:  # `pack` consecutive samples each (pack_block refuses images)
+        for number, start in enumerate(range(0, len(samples), pack)):
+            yield pack_block(kind, samples[start:start + pack], labeled, number)
+
+    written = blocks() if pack > 1 else members()
     if remote.is_url(location):
-        _put_shard(location, members())
+        _put_shard(location, written)
     else:
-        _write_shard(Path(location), members())
+        _write_shard(Path(location), written)
     return ShardSummary(len(samples), images)
 
 

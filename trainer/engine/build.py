@@ -65,7 +65,8 @@ def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
         test = open_data(cfg.data.test, cfg.data)
         if test.kind != index.kind:
             raise ConfigError(f"data.test: {cfg.data.test} holds {test.kind} shards but data.train holds {index.kind}")
-    per_epoch = [plan_epoch(index, seed=cfg.seed, epoch=e, world_size=world, loader_workers=cfg.data.loader_workers,
+    per_epoch = [plan_epoch(index, seed=cfg.seed, epoch=e, world_size=world,
+                            loader_workers=cfg.data.workers_for(len(index.shards), world),
                             batch_size=cfg.data.batch_size, epoch_samples=cfg.data.epoch_samples).batches_per_rank
                  for e in range(cfg.optim.epochs)]
     total = sum(per_epoch)
