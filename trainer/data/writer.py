@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import multiprocessing
+import os
 import secrets
 import shutil
 from collections import deque
@@ -362,8 +363,10 @@ class ShardPool:
 
     def __enter__(self) -> ShardPool:
         if self.workers > 1:
-            # forkserver: workers start clean (no copy of the reader's state, threads or storage connections).
-            self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"))
+            # forkserver: workers start clean (no copy of the reader's state, threads or storage connections). The
+            # fork server may be older than this call: the workers take this process's environment (credentials).
+            self.executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("forkserver"),
+                                                initializer=_adopt_environment, initargs=(dict(os.environ),))
         return self
 
     def __exit__(self, *failure: object) -> None:
@@ -381,6 +384,12 @@ class ShardPool:
         future = self.executor.submit(function, *args)
         self.pending.append(future)
         return future
+
+
+def _adopt_environment(environment: dict[str, str]) -> None:
+    """A pool worker's environment: the writer's, as it is now (storage endpoint and credentials)."""
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 class ShardSink:
