@@ -150,9 +150,11 @@ def test_shards_go_straight_to_s3_index_last(s3: str, tmp_path: Path,  # noqa: F
     assert cli.main([*args, "--out", f"{s3}/sets/pairs"]) == 0
     assert [url.rsplit("/", 1)[-1] for url in written[-2:]] == ["index.json", "index.json"]
     assert not any(url.endswith("index.json") for url in written[:-2])  # every shard before any index
+    assert cli.main([*args, "--out", f"{s3}/sets/pairs2", "--workers", "2"]) == 0  # workers upload themselves
     fs, root = remote.filesystem(s3)
     local = files(tmp_path / "local")
-    assert {name: fs.cat_file(f"{root}/sets/pairs/{name}") for name in local} == local  # the same bytes
+    for prefix in ("pairs", "pairs2"):  # the same bytes as a local set
+        assert {name: fs.cat_file(f"{root}/sets/{prefix}/{name}") for name in local} == local
     assert open_shard_set(f"{s3}/sets/pairs/train") == read_index(tmp_path / "local" / "train")
     # A non-empty prefix is refused; --overwrite replaces it, stale objects included.
     fs.pipe_file(f"{root}/sets/pairs/shard-000099.tar", b"stale")
