@@ -25,11 +25,13 @@ A batch is a plain dict:
 from __future__ import annotations
 
 import atexit
+import collections
 import contextlib
 import dataclasses
 import functools
 import hashlib
 import heapq
+import itertools
 import logging
 import multiprocessing.util
 import os
@@ -169,7 +171,7 @@ def _too_few_shards(index: ShardIndex, plan: EpochPlan, rank: int) -> str:
 
 def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
                   skip_batches: int = 0, start: bool = False,
-                  preprocessors: dict[str, Preprocessor] | None = None) -> Iterator[Batch]:
+                  preprocessors: dict[str, Preprocessor] | None = None, persistent: bool = True) -> Iterator[Batch]:
     """Exactly `plan.batches_per_rank` training batches of this rank (the first `skip_batches` discarded).
 
     P×K batches keep this count, so the run's step count (planned from `plan_epoch` alone) does not change; a
@@ -177,8 +179,15 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
     With `start`, the DataLoader of the first pass is started now rather than at the first `next`: its workers
     fill their shuffle buffers and first batches while the caller is still busy (the batches are the same).
     `preprocessors` (per view) come from the model; None means the toy encoders' (`default_preprocessors`).
+
+    With loader workers and `persistent`, the first pass of each epoch comes from one DataLoader per rank whose
+    workers stream epoch after epoch (`_RunLoader`): the call for epoch e+1 made while epoch e is still streamed
+    (as TrainLoop.run does, with `start`) reuses epoch e's loader, whose workers go on into epoch e+1 as they
+    finish epoch e, with no new processes and no shuffle buffer left to fill. The batches are those of a new
+    loader per epoch (`persistent=False`); top-up passes (`_take`) still open a loader of their own.
     """
     index = open_data(str(shard_dir), cfg, train=True)
+    given = id(preprocessors) if preprocessors is not None else None  # defaults: the same for the same set and cfg
     preprocessors = preprocessors or default_preprocessors(index, cfg)
     plan = epoch_plan(shard_dir, cfg, seed=seed, epoch=epoch, world_size=world_size, index=index)
     if not 0 <= rank < world_size:
@@ -186,7 +195,7 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
     check_balanced_shards(index, cfg, shard_dir)
     workers = cfg.workers_for(len(index.shards), world_size)
 
-    def open_pass(number: int) -> torch.utils.data.DataLoader:
+    def new_loader(number: int) -> torch.utils.data.DataLoader:
         stream = _StreamSeed(seed, epoch, rank, number)
         pipeline = _pipeline(index, cfg, preprocessors, plan.slots[rank], cfg.batch_size, stream=stream)
         # The loader draws its workers' base seed from `generator`, not from torch's global RNG: opening an epoch
@@ -195,9 +204,113 @@ def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: i
                                            generator=stream.torch_generator(), collate_fn=_as_is,
                                            worker_init_fn=_ignore_stop_signals)
 
+    run = None
+    if persistent and workers > 0:
+        run = _RunLoader.claim((str(shard_dir), cfg.model_dump_json(), given, seed, rank, world_size, workers),
+                               epoch, lambda first: _EpochAfterEpoch(index, cfg, preprocessors, seed=seed, rank=rank,
+                                                                     world_size=world_size, workers=workers,
+                                                                     first_epoch=first))
+
+    def open_pass(number: int) -> Iterable[Batch]:  # pass 0 from the run's loader, if any
+        return run.epoch(epoch) if number == 0 and run is not None else new_loader(number)
+
     first = _worker_batches(open_pass(0)) if start else None
     return _take(open_pass, plan.batches_per_rank, skip_batches, f"{shard_dir} (rank {rank}, epoch {epoch})",
                  balanced=cfg.classes_per_batch is not None, first=first)
+
+
+class _EpochAfterEpoch(torch.utils.data.IterableDataset):
+    """A rank's training stream, epoch after epoch from `first_epoch`, for a DataLoader that lives for the run.
+
+    Each DataLoader worker plans every epoch itself (`plan_epoch`, from index.json alone) and streams its own slot
+    of it through the pipeline a per-epoch loader would build (seeded by (seed, epoch, rank, worker), pass 0), so
+    its batches are the same; it yields (worker, epoch, batch) and, at the end of its slot, (worker, epoch, None)."""
+
+    def __init__(self, index: ShardIndex, cfg: DataConfig, preprocessors: dict[str, Preprocessor], *, seed: int,
+                 rank: int, world_size: int, workers: int, first_epoch: int) -> None:
+        self.index, self.cfg, self.preprocessors = index, cfg, preprocessors
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.workers, self.first_epoch = workers, first_epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int, Batch | None]]:
+        worker = _worker_id()
+        for epoch in itertools.count(self.first_epoch):
+            plan = plan_epoch(self.index, seed=self.seed, epoch=epoch, world_size=self.world_size,
+                              loader_workers=self.workers, batch_size=self.cfg.batch_size,
+                              epoch_samples=self.cfg.epoch_samples)
+            stream = _StreamSeed(self.seed, epoch, self.rank, 0)
+            for batch in _pipeline(self.index, self.cfg, self.preprocessors, plan.slots[self.rank],
+                                   self.cfg.batch_size, stream=stream):
+                yield worker, epoch, batch
+            yield worker, epoch, None
+
+
+class _RunLoader:
+    """One rank's persistent DataLoader (over `_EpochAfterEpoch`) and the epochs handed out from it.
+
+    The DataLoader returns its workers' batches strictly in turn; `epoch` serves one epoch in the order a loader
+    of that epoch alone would: in turn over the workers still streaming it, a worker leaving the turn at the end
+    of its slot (as a DataLoader stops asking an exhausted worker). Batches of workers already in the next
+    epoch wait in `pending`, and whatever a consumer left of an earlier epoch is dropped. Shared by the epoch
+    streams of one run (`claim`); it stops its workers when the last of them is gone (or at exit)."""
+
+    _live: weakref.WeakValueDictionary[tuple[Any, ...], _RunLoader] = weakref.WeakValueDictionary()
+
+    def __init__(self, dataset: _EpochAfterEpoch) -> None:
+        self.workers, self.next_epoch = dataset.workers, dataset.first_epoch
+        key = f"twinscale/{dataset.seed}/{dataset.rank}/run-from-{dataset.first_epoch}/loader".encode()
+        generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(),
+                                                                 "little"))
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=dataset.workers,
+                                             generator=generator, collate_fn=_as_is,
+                                             worker_init_fn=_ignore_stop_signals)
+        self.iterator: Any = iter(loader)  # starts the workers now
+        _LIVE_LOADERS[self.iterator] = os.getpid()
+        self.pending: dict[int, collections.deque[tuple[int, Batch | None]]] = {
+            worker: collections.deque() for worker in range(dataset.workers)}
+
+    @classmethod
+    def claim(cls, key: tuple[Any, ...], epoch: int, dataset: Callable[[int], _EpochAfterEpoch]) -> _RunLoader:
+        """The live loader of `key` if `epoch` is the next one it has not handed out, else a new one from `epoch`."""
+        run = cls._live.get(key)
+        if run is None or run.next_epoch != epoch:
+            run = cls(dataset(epoch))
+            cls._live[key] = run
+        run.next_epoch = epoch + 1
+        return run
+
+    def epoch(self, epoch: int) -> Generator[Batch, None, None]:
+        """Pass 0 of `epoch`: every worker's batches until the end of its slot, in a per-epoch loader's order."""
+        streaming = list(range(self.workers))
+        try:
+            while streaming:
+                for worker in list(streaming):
+                    batch = self._next(worker, epoch)
+                    if batch is None:
+                        streaming.remove(worker)
+                    else:
+                        yield batch
+        except DataError:
+            self.stop()
+            raise
+
+    def _next(self, worker: int, epoch: int) -> Batch | None:
+        while True:
+            while not self.pending[worker]:
+                try:
+                    source, its_epoch, batch = next(self.iterator)
+                except DataError as error:
+                    raise DataError(_one_line(error)) from None
+                self.pending[source].append((its_epoch, batch))
+            its_epoch, batch = self.pending[worker].popleft()
+            if its_epoch == epoch:
+                return batch
+            if its_epoch > epoch:
+                raise DataError(f"loader worker {worker} streams epoch {its_epoch} before epoch {epoch} ended")
+
+    def stop(self) -> None:
+        """Stop the workers now (an error, or the end of the run)."""
+        self.iterator._shutdown_workers()
 
 
 def epoch_plan(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, world_size: int,
@@ -357,6 +470,10 @@ def _worker_batches(batches: Any) -> Generator[Batch, None, None]:
     return _drain(iterator)
 
 
+def _one_line(error: DataError) -> str:
+    return str(error).strip().splitlines()[-1].partition("DataError: ")[2] or str(error)
+
+
 def _drain(iterator: Any) -> Generator[Batch, None, None]:
     try:
         while True:
@@ -367,7 +484,7 @@ def _drain(iterator: Any) -> Generator[Batch, None, None]:
             except DataError as error:
                 # A DataLoader worker's error arrives with its traceback inside the message: keep one line, and
                 # raise outside this block so no traceback keeps the DataLoader (and its workers) alive.
-                message = str(error).strip().splitlines()[-1].partition("DataError: ")[2] or str(error)
+                message = _one_line(error)
             else:
                 yield batch
                 continue
