@@ -137,10 +137,15 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from trainer import config
     from trainer.data.remote import is_url
 
-    if is_url(args.run_dir):  # output_dir on object storage: fetch the newest complete checkpoint, then resume
+    on_cluster = args.address is not None and args.address.startswith(("http://", "https://"))
+    if is_url(args.run_dir) and on_cluster:  # a run on object storage: resumed by a job, its nodes fetch it
+        from launch.jobs import submit_command
+
+        return submit_command(["resume", args.run_dir.rstrip("/")], args.address, working_dir=Path("."), follow=True)
+    if is_url(args.run_dir):  # output_dir on object storage: the workers fetch the newest complete checkpoint
         return _resume_remote(args)
     args.run_dir = Path(args.run_dir)
-    if args.address is not None and args.address.startswith(("http://", "https://")):
+    if on_cluster:
         from launch.jobs import submit_command  # a run of a submitted job: resume it as a job on the cluster
 
         run_dir = args.run_dir.resolve() if args.run_dir.exists() else args.run_dir  # else: a path on the cluster
@@ -157,10 +162,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def _resume_remote(args: argparse.Namespace) -> int:
     from trainer import config
-    from trainer.remote_runs import fetch_run
+    from trainer.remote_runs import fetch_outputs
 
     url = args.run_dir.rstrip("/")
-    run_dir = fetch_run(url)  # config.yaml and the newest complete checkpoint
+    run_dir = fetch_outputs(url)  # config.yaml; the workers fetch the checkpoint, each on its own node
     cfg = config.load(run_dir / "config.yaml", [config.string_override("name", url.rsplit("/", 1)[1]),
                                                 config.string_override("output_dir", url.rsplit("/", 1)[0])])
     return _train(cfg, resume=True, address=args.address, verbose=args.verbose)
@@ -171,26 +176,27 @@ def _train(cfg: Any, *, resume: bool, address: str | None, verbose: bool) -> int
     from trainer.checkpoint import latest_checkpoint
     from trainer.engine.build import plan_run
     from trainer.progress import format_table
+    from trainer.remote_runs import remote_of
 
     cfg = absolute_paths(cfg)
-    _check_remote_run(cfg, resume)
-    if resume and latest_checkpoint(cfg.run_dir) is None:
+    on_storage = _check_remote_run(cfg, resume)  # checked there: the workers fetch what they need on their nodes
+    if resume and not on_storage and latest_checkpoint(cfg.run_dir) is None:
         raise CheckpointError(f"{cfg.run_dir}: no complete checkpoint to resume from")
-    if not resume and (cfg.run_dir / "checkpoints").exists():
+    if not resume and not on_storage and (cfg.run_dir / "checkpoints").exists():
         raise UserError(f"{cfg.run_dir} already holds a run: add --resume to continue it, or --set name=NEW")
     ensure_shards(cfg, address)
     plan = plan_run(cfg)
-    print(f"twinscale: run {cfg.run_dir} — {cfg.dist.workers} workers, {plan.total_steps} steps "
+    shown = remote_of(cfg.run_dir) or str(cfg.run_dir)  # a run on object storage: its URL, not this machine's mirror
+    print(f"twinscale: run {shown} — {cfg.dist.workers} workers, {plan.total_steps} steps "
           f"({plan.kind} shards, global batch {cfg.data.batch_size * cfg.dist.workers})", file=sys.stderr)
     final = launch(cfg, address=address, resume=resume, verbose=verbose)
     if "stopped_by" in final:
         import signal
 
         print(f"twinscale: stopped by {final['stopped_by']}; newest checkpoint {final['checkpoint']}; continue with "
-              f"`twinscale resume {cfg.run_dir}`", file=sys.stderr)
+              f"`twinscale resume {shown}`", file=sys.stderr)
         return 128 + signal.Signals[final["stopped_by"]].value
-    print(format_table({**final, "run_dir": str(cfg.run_dir), "model": str(cfg.run_dir / "model"),
-                        "checkpoints": str(cfg.run_dir / "checkpoints")}))
+    print(format_table({**final, "run_dir": shown, "model": f"{shown}/model", "checkpoints": f"{shown}/checkpoints"}))
     return 0
 
 
@@ -216,41 +222,44 @@ def absolute_paths(cfg: Any) -> Any:
     return cfg.model_copy(update={"data": data, "output_dir": output_dir})
 
 
-def _check_remote_run(cfg: Any, resume: bool) -> None:
-    """A run with a URL as output_dir: the storage answers, a new run does not overwrite an old one, and a resumed
-    one has its newest complete checkpoint in the local mirror."""
-    from trainer.remote_runs import fetch_run, remote_checkpoints, remote_of
+def _check_remote_run(cfg: Any, resume: bool) -> bool:
+    """A run with a URL as output_dir (True; False for a local run): the storage answers, a new run does not
+    overwrite an old one, and a resumed one has a complete checkpoint there. Nothing is downloaded here: the
+    driver's machine need not be a node of the run (each node's workers fetch the checkpoint themselves)."""
+    from trainer.remote_runs import remote_checkpoints, remote_of
 
     url = remote_of(cfg.run_dir)
     if url is None:
-        return
+        return False
     complete, _ = remote_checkpoints(url)  # DataError (exit 2) when unreachable or refused
     if not resume and complete:
         raise UserError(f"{url} already holds a run: continue it with `twinscale resume {url}`, or --set name=NEW")
     if resume and not complete:
         raise CheckpointError(f"{url}: no complete checkpoint to resume from")
-    if resume:
-        fetch_run(url)
+    return True
 
 
 def ensure_shards(cfg: Any, address: str | None = None) -> None:
     """Write the train/test shards from `data.source` when they are missing (the demo's first run), as
     `twinscale shards SOURCE --kind data.source_kind` would."""
-    from trainer.data.writer import shards_exist, write_shards
+    from trainer.data import remote
+    from trainer.data.writer import INDEX_FILE, write_shards
     from trainer.errors import ConfigError
 
-    if cfg.data.source is None or shards_exist(Path(cfg.data.train)):
+    if cfg.data.source is None or remote.exists(remote.join(cfg.data.train, INDEX_FILE)):
         return
-    train, test = Path(cfg.data.train), Path(cfg.data.test) if cfg.data.test else None
-    if train.name != "train" or (test is not None and (test.parent != train.parent or test.name != "test")):
+    train, test = cfg.data.train, cfg.data.test
+    parent = remote.parent(train)
+    if train.rstrip("/").rsplit("/", 1)[-1] != "train" or (test is not None and (
+            remote.parent(test) != parent or test.rstrip("/").rsplit("/", 1)[-1] != "test")):
         raise ConfigError("data.source: shards are written as DIR/train and DIR/test; point data.train and "
                           "data.test there, or write shards yourself with `twinscale shards`")
-    print(f"twinscale: writing {cfg.data.source} {cfg.data.source_kind} shards to {train.parent}", file=sys.stderr)
-    if address is not None:
+    print(f"twinscale: writing {cfg.data.source} {cfg.data.source_kind} shards to {parent}", file=sys.stderr)
+    if address is not None and not remote.is_url(train):  # on object storage, every node reads what is written
         print(f"twinscale: warning: the shards are written on this node only; on a multi-node cluster set "
-              f"data.train and data.test to a path every node shares (e.g. /shared/data/{train.parent.name}/train)",
-              file=sys.stderr)
-    write_shards(cfg.data.source, cfg.data.source_kind, train.parent, test_fraction=cfg.data.test_fraction,
+              f"data.train and data.test to object storage (s3://BUCKET/data/{Path(parent).name}/train) or a path "
+              f"every node shares (/shared/data/{Path(parent).name}/train)", file=sys.stderr)
+    write_shards(cfg.data.source, cfg.data.source_kind, parent, test_fraction=cfg.data.test_fraction,
                  seed=cfg.seed, samples_per_shard=cfg.data.samples_per_shard, pairs_per_item=cfg.data.pairs_per_item,
                  as_images=cfg.data.source_as_images)
 

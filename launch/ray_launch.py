@@ -20,7 +20,8 @@ from launch import stopping
 from trainer import config
 from trainer.config import Config
 from trainer.errors import ConfigError
-from trainer.progress import ConsoleProgress, record_timeline
+from trainer.progress import TIMELINE_FILE, ConsoleProgress, record_timeline
+from trainer.remote_runs import fetch_outputs, remote_checkpoints, remote_of
 
 QUIET_ENV = {
     "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
@@ -91,7 +92,6 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from trainer import train
-    from trainer.checkpoint import latest_checkpoint
 
     quiet_worker_logs()
     if loop_config.get("wandb_group"):
@@ -101,7 +101,7 @@ def _worker_entry(loop_config: dict[str, Any]) -> None:
     reporter = QueueReporter(loop_config["queue"], cfg.run_dir) if rank == 0 else None
     if loop_config.get("stop") is not None:
         stopping.forward_stop(loop_config["stop"])
-    resume = loop_config["resume"] or latest_checkpoint(cfg.run_dir) is not None  # a restart after a failure
+    resume = loop_config["resume"] or has_checkpoint(cfg.run_dir)  # a restart after a failure
     train.run(cfg, reporter, resume=resume)
 
 
@@ -146,8 +146,41 @@ def launch(cfg: Config, *, address: str | None = None, resume: bool = False, ver
     timeline["ray_stopped"] = time.time()
     if signals.signum:
         return stopping.stopped_run(cfg.run_dir, signals.signum)
+    url = remote_of(cfg.run_dir)
+    if url is not None:  # rank 0 published the outputs from its own node, which need not be this one
+        fetch_outputs(url)
     record_timeline(cfg.run_dir, timeline)
+    if url is not None:
+        from trainer.data import remote
+
+        remote.write_bytes(f"{url}/{TIMELINE_FILE}", (cfg.run_dir / TIMELINE_FILE).read_bytes())
     return read_final_metrics(cfg.run_dir)
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether the run has a complete checkpoint to resume from: in its run directory, or for a run on object
+    storage there (a worker's node may hold none of it locally), so that every worker decides alike."""
+    from trainer.checkpoint import latest_checkpoint
+
+    url = remote_of(run_dir)
+    if url is None:
+        return latest_checkpoint(run_dir) is not None
+    return bool(remote_checkpoints(url)[0])
+
+
+def ray_storage(cfg: Config) -> tuple[str, Any]:
+    """Ray Train's storage path (and filesystem) for a run: its run directory, or for a run on object storage
+    `URL/ray` itself (through fsspec), never the driver's local mirror — Ray Train's controller and workers may
+    run on other machines, which have no such path. Credentials stay in each process's environment."""
+    url = remote_of(cfg.run_dir)
+    if url is None:
+        return str(cfg.run_dir.resolve()), None
+    import pyarrow.fs
+
+    from trainer.data import remote
+
+    fs, path = remote.filesystem(url)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | None = None,
@@ -155,13 +188,14 @@ def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | N
     """The TorchTrainer of one run on the connected Ray cluster (`launch`, a sweep trial, a submitted job).
 
     Ray Train's own state goes to `<run_dir>/ray`, so a run's storage path is its run directory: on a multi-node
-    cluster, `output_dir` must be a path every node shares.
+    cluster, `output_dir` must be a path every node shares, or a URL (`s3://…`: see `ray_storage`).
     """
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_cluster_gpus(cfg)
+    storage_path, storage_filesystem = ray_storage(cfg)
     use_gpu = cfg.dist.device == "cuda" or (
         cfg.dist.device == "auto" and ray.cluster_resources().get("GPU", 0) >= cfg.dist.workers)
     return TorchTrainer(
@@ -171,7 +205,7 @@ def build_trainer(cfg: Config, queue: Any, *, resume: bool, wandb_group: str | N
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.dist.timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.dist.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cfg.dist.cpus_per_worker}),
-        run_config=RunConfig(name="ray", storage_path=str(cfg.run_dir.resolve()),
+        run_config=RunConfig(name="ray", storage_path=storage_path, storage_filesystem=storage_filesystem,
                              failure_config=FailureConfig(max_failures=cfg.dist.max_failures)),
     )
 

@@ -119,7 +119,13 @@ def user_error(error: BaseException) -> UserError | None:
 def stopped_run(run_dir: Path, signum: int) -> dict[str, Any]:
     """What a run stopped by a signal reports: the signal and the checkpoint it saved."""
     from trainer.checkpoint import latest_checkpoint
+    from trainer.remote_runs import remote_checkpoints, remote_of
 
+    url = remote_of(run_dir)
+    if url is not None:  # saved and published by the workers' nodes, not necessarily into this one's mirror
+        complete, _ = remote_checkpoints(url)
+        newest = f"{url}/checkpoints/{complete[-1]}" if complete else None
+        return {"stopped_by": signal.Signals(signum).name, "checkpoint": str(newest)}
     return {"stopped_by": signal.Signals(signum).name, "checkpoint": str(latest_checkpoint(run_dir))}
 
 

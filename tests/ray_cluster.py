@@ -52,24 +52,32 @@ class LocalRayCluster:
     def dashboard_address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start_head(self, num_cpus: int) -> None:
+    def start_head(self, num_cpus: int, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        """The head node; `env` (added to the cluster's) and `cwd` are its raylet's, so its workers' too."""
         ports = free_ports(9)
         self.gcs_port, self.dashboard_port = ports[0], ports[1]
         self._ray_start(["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                         f"--ray-client-server-port={ports[2]}", f"--temp-dir={self.temp_dir}"], num_cpus, ports[3:])
+                         f"--ray-client-server-port={ports[2]}", f"--temp-dir={self.temp_dir}"], num_cpus, ports[3:],
+                        env, cwd)
         self._wait_for_dashboard()
 
-    def add_node(self, num_cpus: int) -> None:
-        self._ray_start([f"--address={self.gcs_address}"], num_cpus, free_ports(6))
+    def add_node(self, num_cpus: int, env: dict[str, str] | None = None, cwd: Path | None = None,
+                 ip: str = "127.0.0.1") -> None:
+        """One more node; `env` and `cwd` as for `start_head` (e.g. a node-local cache no other node sees). With
+        another loopback address as `ip` (127.0.0.2: all of 127/8 is loopback), Ray sees a node of its own
+        address, as on a real cluster: it numbers local ranks per node address."""
+        self._ray_start([f"--address={self.gcs_address}"], num_cpus, free_ports(6), env, cwd, ip)
 
-    def _ray_start(self, args: list[str], num_cpus: int, ports: list[int]) -> None:
+    def _ray_start(self, args: list[str], num_cpus: int, ports: list[int], env: dict[str, str] | None = None,
+                   cwd: Path | None = None, ip: str = "127.0.0.1") -> None:
         node_ports = [f"--object-manager-port={ports[0]}", f"--node-manager-port={ports[1]}",
                       f"--dashboard-agent-listen-port={ports[2]}", f"--dashboard-agent-grpc-port={ports[3]}",
                       f"--metrics-export-port={ports[4]}", f"--runtime-env-agent-port={ports[5]}"]
-        result = subprocess.run([*RAY, "start", *args, *node_ports, "--node-ip-address=127.0.0.1",
+        result = subprocess.run([*RAY, "start", *args, *node_ports, f"--node-ip-address={ip}",
                                  f"--num-cpus={num_cpus}", "--num-gpus=0", "--disable-usage-stats"],
-                                env=self.env, capture_output=True, text=True, timeout=180)
+                                env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
+                                timeout=180)
         if result.returncode != 0:
             self.stop()
             raise RuntimeError(f"ray start failed:\n{result.stdout}\n{result.stderr}")

@@ -20,6 +20,7 @@ Credentials come from the environment (trainer.data.remote), never from a file o
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from trainer.data import remote
 from trainer.errors import CheckpointError, DataError
 
 STATE_FILE = "run_state.json"
-SKIPPED_OUTPUTS = ("checkpoints", "wandb")
+SKIPPED_OUTPUTS = ("checkpoints", "wandb", "ray")
+"""Not run outputs: checkpoints go their own way; W&B syncs itself; `ray/` is Ray Train's own state, which Ray
+writes straight to the URL (launch.ray_launch.ray_storage)."""
 
 
 def cache_root() -> Path:
@@ -120,21 +123,37 @@ def probe_run_storage(url: str, text: str) -> None:
 def fetch_run(url: str) -> Path:
     """Bring the newest complete remote checkpoint and the run's outputs into the local mirror; return it.
 
+    A newer checkpoint in the mirror (this node was rank 0's when a save crashed before the storage marked it
+    complete) is removed: the storage decides which checkpoint every node resumes.
+
     CheckpointError when `url` holds no run; DataError when the storage cannot be reached."""
-    run_dir = local_mirror(url)
+    run_dir = fetch_outputs(url)
     fs, root = remote.filesystem(url)
-    if not remote.exists(f"{url.rstrip('/')}/config.yaml"):
-        raise CheckpointError(f"{url}: not a run directory (no config.yaml)")
     complete, _ = remote_checkpoints(url)
-    _download(fs, url, root, run_dir, skip=SKIPPED_OUTPUTS)
     if complete:
         newest = run_dir / "checkpoints" / complete[-1]
+        for local in (run_dir / "checkpoints").glob("step_*"):
+            if local.name > newest.name:  # saved on this node but never marked complete on the storage: every
+                shutil.rmtree(local)      # node must resume the same one, the newest the storage holds
         if not (newest / STATE_FILE).is_file():
             staging = newest.with_name(f".fetching-{newest.name}")
             _download(fs, url, f"{root}/checkpoints/{complete[-1]}", staging)
             if not (staging / STATE_FILE).is_file():
                 raise DataError(f"{url}/checkpoints/{complete[-1]}: incomplete download")
             os.replace(staging, newest)
+    return run_dir
+
+
+def fetch_outputs(url: str) -> Path:
+    """Bring the run's outputs but its checkpoints (config.yaml, metrics, final_metrics.json, model/) into the
+    local mirror, e.g. on the driver once workers on other nodes published them; return the mirror.
+
+    CheckpointError when `url` holds no run; DataError when the storage cannot be reached."""
+    run_dir = local_mirror(url)
+    fs, root = remote.filesystem(url)
+    if not remote.exists(f"{url.rstrip('/')}/config.yaml"):
+        raise CheckpointError(f"{url}: not a run directory (no config.yaml)")
+    _download(fs, url, root, run_dir, skip=SKIPPED_OUTPUTS)
     return run_dir
 
 
