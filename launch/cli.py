@@ -54,15 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
                       "'local' starts Ray here), for thousands of shards")
 
     embed = commands.add_parser("embed", help="embed an image folder, a text file or shards with a trained model")
-    embed.add_argument("model", type=Path, help="a run directory or its model/ directory")
-    embed.add_argument("input", type=Path, help="image folder root/<class>/*, text file (one item per line), or shards")
+    embed.add_argument("model", help="a run directory or its model/ directory, or a run's URL (s3://…/runs/NAME)")
+    embed.add_argument("input", help="image folder root/<class>/*, text file (one item per line), or a shard set "
+                       "as data.train takes it (directory or URL, or tar files: a brace pattern, glob or :: list)")
     embed.add_argument("--out", required=True, type=Path, help="output .npz (embeddings, labels, keys)")
     embed.add_argument("--side", choices=("a", "b"), default="a", help="tower of a pseudo-Siamese model")
     embed.add_argument("--batch-size", type=int, default=512)
+    _add_data_options(embed)
 
     mine = commands.add_parser("mine", help="write triplet shards of hard negatives mined with a trained model")
-    mine.add_argument("model", type=Path, help="a run directory or its model/ directory")
-    mine.add_argument("shards", type=Path, help="labeled shard directory to mine (anchors and candidates)")
+    mine.add_argument("model", help="a run directory or its model/ directory, or a run's URL (s3://…/runs/NAME)")
+    mine.add_argument("shards", help="labeled shard set to mine (anchors and candidates), as data.train takes it")
     mine.add_argument("--out", required=True, type=Path, help="output directory of triplet shards")
     mine.add_argument("--skip-top", type=int, default=10,
                       help="nearest ranks skipped (likely near-duplicates or unlabeled positives)")
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     mine.add_argument("--samples-per-shard", type=int, default=128)
     mine.add_argument("--batch-size", type=int, default=512, help="embedding batch size")
     mine.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _add_data_options(mine)
 
     sweep = commands.add_parser("sweep", help="hyperparameter sweep on Ray Tune: each trial a distributed run")
     sweep.add_argument("sweep_file", nargs="?", type=Path, help="sweep YAML (see configs/sweeps/)")
@@ -99,9 +102,31 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
 
     evaluate = commands.add_parser("eval", help="evaluate a trained model on held-out shards")
-    evaluate.add_argument("model", type=Path, help="a run directory or its model/ directory")
-    evaluate.add_argument("--data", type=Path, help="shard directory (default: the run's data.test)")
+    evaluate.add_argument("model", help="a run directory or its model/ directory, or a run's URL (s3://…/runs/NAME)")
+    evaluate.add_argument("--data", help="shard set as data.test takes it: a directory or URL, or tar files (brace "
+                          "pattern, glob or :: list) with a field map (default: the run's data.test)")
+    _add_data_options(evaluate)
     return parser
+
+
+def _add_data_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--set", dest="overrides", action="append", default=[], metavar="data.KEY=VALUE",
+                         help="read the shard set with these data settings instead of the run's, e.g. --set "
+                         "'data.fields={input: jpg;png, label: cls}' or --set data.test_index=s3://…/index.json")
+
+
+def local_model(model: str) -> Path:
+    """A model argument as a local path: a run on object storage is fetched (its outputs, not its checkpoints)."""
+    from trainer.data.remote import is_url
+
+    if not is_url(model):
+        return Path(model)
+    from trainer.remote_runs import fetch_outputs
+
+    url = model.rstrip("/")
+    if url.endswith("/model"):
+        return fetch_outputs(url.rsplit("/", 1)[0]) / "model"
+    return fetch_outputs(url)
 
 
 def _add_run_options(command: argparse.ArgumentParser) -> None:
@@ -294,7 +319,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
 def cmd_embed(args: argparse.Namespace) -> int:
     from trainer.embed import embed_to_file
 
-    count = embed_to_file(args.model, args.input, args.out, side=args.side, batch_size=args.batch_size)
+    count = embed_to_file(local_model(args.model), args.input, args.out, side=args.side, batch_size=args.batch_size,
+                          overrides=args.overrides)
     print(f"wrote {count} embeddings to {args.out}")
     return 0
 
@@ -303,8 +329,9 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from trainer.mine import MiningWindow, mine_hard_negatives
 
     window = MiningWindow(skip_top=args.skip_top, window=args.window, per_anchor=args.per_anchor, seed=args.seed)
-    stats = mine_hard_negatives(args.model, args.shards, args.out, window, samples_per_shard=args.samples_per_shard,
-                                batch_size=args.batch_size, overwrite=args.overwrite)
+    stats = mine_hard_negatives(local_model(args.model), args.shards, args.out, window,
+                                samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
+                                overwrite=args.overwrite, overrides=args.overrides)
     print(f"mined {stats.triplets} triplets from {stats.anchors} anchors ({stats.anchors_without_negative} without a "
           f"negative in ranks [{args.skip_top}, {args.skip_top + args.window}), {stats.anchors_without_positive} "
           f"in single-item classes) → {args.out}")
@@ -345,7 +372,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.embed import evaluate_exported
     from trainer.progress import format_table
 
-    print(format_table(evaluate_exported(args.model, args.data)))
+    print(format_table(evaluate_exported(local_model(args.model), args.data, args.overrides)))
     return 0
 
 

@@ -2,13 +2,17 @@
 
 No DeepSpeed and no pickles: the model is rebuilt from config.json and loaded from safetensors.
 Inputs: an image folder `root/<class>/*` (labels from folder names), a text file (one item per line), or a
-shard directory (every view of every sample; keys are `<sample key>/<view>`).
+shard set (every view of every sample; keys are `<sample key>/<view>`) named as data.train names one: a Twinscale
+shard directory or its URL (`s3://bucket/digits/test`), or a WebDataset set — a brace pattern, glob or `::` list of
+tar paths or URLs read through a field map (`data.fields`: the run's, or one given with `--set data.fields=…`).
+A shard set is read as the run's data.test would be: `--set data.test_index=…` names its counts index.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,8 @@ import torch
 
 from trainer import config
 from trainer.config import Config
-from trainer.data.formats import INDEX_FILE, KIND_VIEWS, ShardIndex, read_index
+from trainer.data import remote
+from trainer.data.formats import INDEX_FILE, KIND_VIEWS, ShardIndex
 from trainer.data.preprocess import (
     HashedTextPreprocessor,
     PixelPreprocessor,
@@ -25,6 +30,7 @@ from trainer.data.preprocess import (
     SampleContext,
     default_preprocessors,
 )
+from trainer.data.shardsets import is_pattern, open_data
 from trainer.data.sources import Item, read_image_folder
 from trainer.data.stream import eval_batches
 from trainer.engine.evaluate import evaluate
@@ -57,13 +63,59 @@ def load_model(model_path: Path) -> tuple[EmbeddingModel, dict[str, Any], Config
     return model, document, run_config(model_path, document)
 
 
-def embed_to_file(model_path: Path, input_path: Path, out: Path, side: str = "a", batch_size: int = 512) -> int:
-    """Embed `input_path` and write `out` (.npz: embeddings, keys, labels when known); returns the count."""
+def is_shard_set(spec: str) -> bool:
+    """Whether an input names shards (a URL, a pattern or list of tar files, a directory of shards) rather than
+    an image folder or a text file."""
+    if remote.is_url(spec) or is_pattern(spec):
+        return True
+    return (Path(spec) / INDEX_FILE).is_file() or (Path(spec).is_dir() and any(Path(spec).glob("*.tar")))
+
+
+def shard_set_config(cfg: Config, spec: str, overrides: Sequence[str] = ()) -> Config:
+    """The run's config reading the shard set `spec` as its data.test, with the user's `data.*` overrides.
+
+    Field map: the one given (`--set data.fields=…`; `null` reads a Twinscale set), else the run's own when `spec`
+    is a pattern or a directory without a Twinscale index (a set laid out like the run's training data), else none.
+    Counts index: `data.test_index` when given, else index.json next to the shards."""
+    given = {text.partition("=")[0].strip() for text in overrides}
+    outside = sorted(key for key in given if not key.startswith("data."))
+    if outside:
+        raise UserError(f"--set {outside[0]}: only data.* keys apply here (e.g. data.fields, data.test_index)")
+    if overrides:
+        cfg = config.from_dict(config.apply_overrides(config.to_dict(cfg), list(overrides)), origin="--set")
+    update: dict[str, Any] = {"test": spec}
+    if "data.test_index" not in given:
+        update["test_index"] = None  # the run's own test set's counts say nothing about another set
+    if "data.fields" not in given and cfg.data.fields is not None and not is_pattern(spec) and _twinscale_set(spec):
+        update["fields"] = None
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=update)})
+
+
+def _twinscale_set(spec: str) -> bool:
+    # A Twinscale index names its kind; a counts index written by `twinscale scan` does not.
+    where = remote.join(spec, INDEX_FILE)
+    try:
+        return remote.exists(where) and "kind" in json.loads(remote.read_bytes(where))
+    except (DataError, ValueError):
+        return False
+
+
+def embed_to_file(model_path: Path, input_path: str | Path, out: Path, side: str = "a", batch_size: int = 512,
+                  overrides: Sequence[str] = ()) -> int:
+    """Embed `input_path` and write `out` (.npz: embeddings, keys, labels when known); returns the count.
+
+    `overrides`: `data.*` settings for a shard set input (see `shard_set_config`)."""
     if out.suffix != ".npz":
         raise UserError(f"--out {out}: expected a .npz file name")
     model, document, cfg = load_model(model_path)
     spec = InputSpec.from_dict(document["inputs"][side] or document["inputs"]["a"])
-    embeddings, labels, keys = embed_input(model, spec, cfg, input_path, side, batch_size)
+    if is_shard_set(str(input_path)):
+        cfg = shard_set_config(cfg, str(input_path), overrides)
+        embeddings, labels, keys = embed_shards(model, cfg, str(input_path), batch_size)
+    elif overrides:
+        raise UserError(f"--set: {input_path} is not a shard set; data.* settings apply to shards only")
+    else:
+        embeddings, labels, keys = embed_input(model, spec, cfg, Path(input_path), side, batch_size)
     optional = {} if labels is None else {"labels": np.array(labels, dtype=np.int64)}
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.stem}.tmp.npz")
@@ -158,9 +210,11 @@ def shard_preprocessors(model: EmbeddingModel, cfg: Config, index: ShardIndex) -
 
 
 @torch.no_grad()
-def embed_shards(model: EmbeddingModel, cfg: Config, shard_dir: Path, batch_size: int) -> Rows:
-    """Every view of every sample, in index order; keys are `<sample key>/<view>`."""
-    index = read_index(shard_dir)
+def embed_shards(model: EmbeddingModel, cfg: Config, shard_dir: str | Path, batch_size: int) -> Rows:
+    """Every view of every sample, in index order; keys are `<sample key>/<view>`.
+
+    `shard_dir`: any shard set `open_data` reads with `cfg.data` (see `shard_set_config`)."""
+    index = open_data(str(shard_dir), cfg.data)
     kind = index.kind
     parts: list[torch.Tensor] = []
     labels: list[int] = []
@@ -180,11 +234,17 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def evaluate_exported(model_path: Path, shard_dir: Path | None) -> dict[str, float]:
-    """Metrics of an exported model on shards (default: the run's held-out split)."""
+def evaluate_exported(model_path: Path, shard_dir: str | Path | None,
+                      overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Metrics of an exported model on a shard set (default: the run's held-out split); `overrides`: `data.*`
+    settings of the set (see `shard_set_config`)."""
     model, _, cfg = load_model(model_path)
-    target = str(shard_dir) if shard_dir is not None else cfg.data.test
+    if shard_dir is not None:
+        cfg = shard_set_config(cfg, str(shard_dir), overrides)
+    elif overrides:
+        raise UserError("--set: give the shard set with --data SPEC")
+    target = cfg.data.test
     if target is None:
         raise UserError(f"{model_path}: the run has no data.test; pass --data SHARDS")
-    preprocessors = shard_preprocessors(model, cfg, read_index(target))
+    preprocessors = shard_preprocessors(model, cfg, open_data(target, cfg.data))
     return evaluate(model, cfg, torch.device("cpu"), target, preprocessors=preprocessors)

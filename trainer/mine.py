@@ -18,9 +18,10 @@ The statistics also go to DIR/mining.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 from webdataset.tariterators import base_plus_ext
 
-from trainer.data.formats import ShardIndex, read_index
+from trainer.data import remote
+from trainer.data.formats import ShardIndex
+from trainer.data.shardsets import open_data
 from trainer.data.sources import Item
 from trainer.data.writer import ClassIndex, Tuple, check_target, staged_output, write_tuples
-from trainer.embed import embed_shards, load_model
+from trainer.embed import embed_shards, load_model, shard_set_config
 from trainer.engine.build import input_spec
 from trainer.errors import DataError, UserError
 from trainer.models.towers import InputSpec
@@ -81,17 +84,23 @@ class MiningStats:
     """Anchors skipped because their class has one item."""
 
 
-def mine_hard_negatives(model_path: Path, shard_dir: Path, out_dir: Path, window: MiningWindow, *,
-                        samples_per_shard: int = 128, batch_size: int = 512, overwrite: bool = False) -> MiningStats:
-    """Write triplet shards of index-mined hard negatives from labeled `shard_dir` into `out_dir`."""
+def mine_hard_negatives(model_path: Path, shards: str | Path, out_dir: Path, window: MiningWindow, *,
+                        samples_per_shard: int = 128, batch_size: int = 512, overwrite: bool = False,
+                        overrides: Sequence[str] = ()) -> MiningStats:
+    """Write triplet shards of index-mined hard negatives from the labeled shard set `shards` into `out_dir`.
+
+    `shards`: any set data.train accepts (a Twinscale directory or URL, or a WebDataset pattern with the run's
+    or the given field map); `overrides`: its `data.*` settings (trainer.embed.shard_set_config)."""
     window.check()
     if samples_per_shard < 1 or batch_size < 1:
         raise UserError(f"--samples-per-shard {samples_per_shard} and --batch-size {batch_size}: must be ≥ 1")
-    if out_dir.resolve() == shard_dir.resolve():
+    shard_dir = str(shards)
+    if not remote.is_url(shard_dir) and out_dir.resolve() == Path(shard_dir).resolve():
         raise UserError(f"--out {out_dir}: must differ from SHARDS (the source is read while writing)")
     check_target(out_dir, overwrite)
-    index = _labeled_index(shard_dir)
     model, document, cfg = load_model(model_path)
+    cfg = shard_set_config(cfg, shard_dir, overrides)
+    index = _labeled_index(shard_dir, open_data(shard_dir, cfg.data))
     exported = (getattr(model, "preprocessing", None) or {}).get("a")  # images of any size: the size it resizes to
     _check_model_input(document, input_spec(index, "input", cfg.data.text_buckets, exported), model_path, shard_dir)
     embeddings, labels, view_keys = embed_shards(model, cfg, shard_dir, batch_size)
@@ -104,16 +113,16 @@ def mine_hard_negatives(model_path: Path, shard_dir: Path, out_dir: Path, window
                         f"class in ranks [{window.skip_top}, {window.skip_top + window.window})); lower --skip-top "
                         "or widen --window")
     with SourceMembers(shard_dir, index, keys) as members, staged_output(out_dir) as staging:
-        write_tuples(staging, "triplets", triplet_samples(triplets, labels, members, index.views["input"].ext),
-                     index.views["input"], labeled=True, num_classes=index.num_classes,
+        view = dataclasses.replace(index.views["input"], ext=members.ext, alternatives=())
+        write_tuples(staging, "triplets", triplet_samples(triplets, labels, members, members.ext),
+                     view, labeled=True, num_classes=index.num_classes,
                      samples_per_shard=samples_per_shard, source=str(shard_dir))
         report = {**asdict(stats), **asdict(window), "model": str(model_path), "shards": str(shard_dir)}
         (staging / MINING_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return stats
 
 
-def _labeled_index(shard_dir: Path) -> ShardIndex:
-    index = read_index(shard_dir)
+def _labeled_index(shard_dir: str, index: ShardIndex) -> ShardIndex:
     if index.kind != "labeled" or not index.labels:
         raise DataError(f"{shard_dir}: holds {index.kind} shards{'' if index.labels else ' without class ids'}; "
                         "mining needs labeled shards with class ids (twinscale shards SOURCE --kind labeled)")
@@ -122,7 +131,7 @@ def _labeled_index(shard_dir: Path) -> ShardIndex:
     return index
 
 
-def _check_model_input(document: dict[str, Any], shards_input: InputSpec, model_path: Path, shard_dir: Path) -> None:
+def _check_model_input(document: dict[str, Any], shards_input: InputSpec, model_path: Path, shard_dir: str) -> None:
     # One tower embeds anchors and candidates alike, so they must share a space and the shards' input shape.
     if document["model"].get("architecture") == "pseudo_siamese":
         raise UserError(f"{model_path}: a pseudo-Siamese model embeds anchors and candidates with different "
@@ -206,21 +215,31 @@ def triplet_samples(triplets: np.ndarray, labels: list[int], members: SourceMemb
 class SourceMembers:
     """Where each sample's input member lies in the source tar files, to copy its bytes unchanged.
 
-    Only tar headers are scanned (no member is decoded); reads seek to the recorded offset. Rows follow `keys`,
-    the order in which the samples were embedded.
+    Only tar headers are scanned (no member is decoded; a remote shard is streamed once); reads seek to the
+    recorded offset (a ranged read for a remote shard). Rows follow `keys`, the order in which the samples were
+    embedded. A WebDataset set's input member is the one its field map names (`input: txt` → `<key>.txt`);
+    the triplets are written with that one extension, so a set whose inputs mix extensions is refused.
     """
 
     MAX_OPEN = 64
 
-    def __init__(self, shard_dir: Path, index: ShardIndex, keys: list[str]) -> None:
-        self.files = [shard_dir / shard.file for shard in index.shards]
-        member = f"input.{index.views['input'].ext}"
+    def __init__(self, shard_dir: str, index: ShardIndex, keys: list[str]) -> None:
+        self.files = [index.url(shard.file) for shard in index.shards]
+        view = index.views["input"]
+        exts = (view.ext, *view.alternatives) if index.fields is not None else (view.ext,)
+        members = {(ext if index.fields is not None else f"input.{ext}"): ext for ext in exts}
         found: dict[str, tuple[int, int, int]] = {}
-        for number, path in enumerate(self.files):
-            _scan_shard(path, number, member, found)
+        seen: set[str] = set()
+        for number, location in enumerate(self.files):
+            seen.update(_scan_shard(location, number, members, found))
         missing = next((key for key in keys if key not in found), None)
         if missing is not None:
-            raise DataError(f"{shard_dir}: sample {missing} has no readable {member} member")
+            raise DataError(f"{shard_dir}: sample {missing} has no readable {' or '.join(members)} member")
+        if len(seen) > 1:
+            raise DataError(f"{shard_dir}: inputs of several kinds ({', '.join(sorted(seen))}); mining writes one "
+                            "extension per view: mine each kind separately (a field map naming one extension)")
+        self.ext = members[next(iter(seen))] if seen else view.ext
+        """The extension of the input members (written as `anchor.<ext>`, …)."""
         self.locations = np.array([found[key] for key in keys], dtype=np.int64).reshape(len(keys), 3)
         self.handles: dict[int, BinaryIO] = {}
 
@@ -238,7 +257,7 @@ class SourceMembers:
         if shard not in self.handles:
             if len(self.handles) >= self.MAX_OPEN:
                 self.close()
-            self.handles[shard] = self.files[shard].open("rb")
+            self.handles[shard] = _open_seekable(self.files[shard])
         return self.handles[shard]
 
     def close(self) -> None:
@@ -254,16 +273,30 @@ class SourceMembers:
         self.close()
 
 
-def _scan_shard(path: Path, number: int, member: str, found: dict[str, tuple[int, int, int]]) -> None:
-    """Record (shard number, data offset, size) of every `member` in one tar file, keyed as WebDataset keys it."""
+def _scan_shard(location: str, number: int, members: dict[str, str],
+                found: dict[str, tuple[int, int, int]]) -> set[str]:
+    """Record (shard number, data offset, size) of every input member (a suffix in `members`) in one tar file,
+    keyed as WebDataset keys it; returns the suffixes seen."""
+    seen: set[str] = set()
     try:
-        with tarfile.open(path, "r:") as tar:
+        with remote.open_shard(location) as handle, tarfile.open(fileobj=handle, mode="r|") as tar:
             for info in tar:
                 key, suffix = base_plus_ext(info.name)
-                if not info.isfile() or key is None or suffix.lower() != member:
+                if not info.isfile() or key is None or suffix.lower() not in members:
                     continue
                 if key in found:
-                    raise DataError(f"{path}: sample key {key} appears twice in the shard set; keys must be unique")
+                    raise DataError(f"{location}: sample key {key} appears twice in the shard set; keys must be "
+                                    "unique")
                 found[key] = (number, info.offset_data, info.size)
-    except tarfile.TarError:
-        pass  # a truncated shard: samples before the damage were recorded, the stream skipped the rest too
+                seen.add(suffix.lower())
+    except (tarfile.TarError, remote.ShardReadError):
+        pass  # a truncated or unreadable shard: samples before the damage were recorded, the stream skipped the rest
+    return seen
+
+
+def _open_seekable(location: str) -> BinaryIO:
+    """A shard opened for reads at recorded offsets: a local file, or a remote object read by ranged requests."""
+    if not remote.is_url(location):
+        return open(location, "rb")
+    fs, path = remote.filesystem(location)
+    return remote.with_retries(location, lambda: fs.open(path, "rb", block_size=1 << 20))  # type: ignore[no-any-return]
