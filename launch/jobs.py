@@ -1,6 +1,7 @@
 """Training runs as Ray jobs on a running cluster, through Ray's Job Submission API (the dashboard, port 8265).
 
     twinscale submit configs/default.yaml --address http://HEAD:8265 --set output_dir=/shared/runs --follow
+    twinscale submit configs/digits_s3.yaml --address http://HEAD:8265 --set output_dir=s3://BUCKET/runs --follow
     twinscale jobs list|logs|stop [JOB_ID] --address http://HEAD:8265
 
 The job runs `python -m launch.cli train CONFIG --address auto` on the head node with a runtime environment:
@@ -21,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from trainer import config
+from trainer.data.remote import is_url
 from trainer.errors import UserError
 
 FORWARDED_ENV = ("WANDB_API_KEY", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_MODE", "WANDB_BASE_URL")
 """Environment variables a job takes from the submitter's environment when they are set there."""
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                  "GOOGLE_APPLICATION_CREDENTIALS")
+"""Object-storage credentials: a job gets them only when named with --env (else the cluster's own are used)."""
 EXCLUDES = [".git", "**/__pycache__", "*.egg-info", ".mypy_cache", ".ruff_cache", "wandb"]
 """Never uploaded with the working directory (run outputs are excluded too: see `submit`)."""
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -81,7 +86,7 @@ def runtime_env(working_dir: Path, output_dir: str, pip: Path | None, image: str
                 env_names: list[str]) -> dict[str, Any]:
     """What the job runs with: the working directory, packages or image, and forwarded environment variables."""
     excludes = list(EXCLUDES)
-    if not Path(output_dir).is_absolute():
+    if not is_url(output_dir) and not Path(output_dir).is_absolute():
         excludes.append(f"/{Path(output_dir).as_posix().strip('/')}")  # earlier runs' outputs are not code
     env: dict[str, str] = {}  # the job's `ray.init` adds its own (QUIET_ENV): Ray refuses a key set twice
     for name in (*FORWARDED_ENV, *env_names):
@@ -128,12 +133,18 @@ def submit(config_path: Path | None, overrides: list[str], address: str, *, work
                            *(f"--set {shlex.quote(item)}" for item in overrides)])
     client = connect(address)
     env = runtime_env(working_dir, cfg.output_dir, pip, image, list(env_names or []))
-    if not Path(cfg.output_dir).is_absolute():
+    if not is_url(cfg.output_dir) and not Path(cfg.output_dir).is_absolute():
         print(f"twinscale: warning: output_dir {cfg.output_dir} is relative, so the run lands in the job's temporary "
-              "working directory on the head; for checkpoints you can resume, use shared storage "
-              "(--set output_dir=/shared/runs)", file=sys.stderr)
+              "working directory on the head; for checkpoints you can resume, use object storage "
+              "(--set output_dir=s3://BUCKET/runs) or shared storage (--set output_dir=/shared/runs)", file=sys.stderr)
     local_data = [key for key, path in (("data.train", cfg.data.train), ("data.test", cfg.data.test))
-                  if path is not None and not Path(path).is_absolute()]
+                  if path is not None and not is_url(path) and not Path(path).is_absolute()]
+    storage = [path for path in (cfg.output_dir, cfg.data.train, cfg.data.test) if path and is_url(path)]
+    if storage and not set(CREDENTIAL_ENV) & set(env["env_vars"]):
+        print(f"twinscale: {storage[0]}: the job reaches object storage with the cluster's own credentials (its "
+              "nodes' environment, a Kubernetes Secret, an instance role); to lend it yours, add "
+              f"{' '.join(f'--env {name}' for name in CREDENTIAL_ENV[:2])} (sent with the job, never written to a "
+              "file)", file=sys.stderr)
     if local_data and cfg.data.source is not None:
         print(f"twinscale: warning: {' and '.join(local_data)} are relative and data.source writes missing shards on "
               "the head after the upload, so workers on other nodes will not find them; on a multi-node cluster "
