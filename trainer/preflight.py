@@ -20,7 +20,8 @@ from trainer.errors import DataError, UserError
 from trainer.remote_runs import probe_run_storage, remote_of
 
 SHARED_STORAGE_HINT = ("on a multi-node cluster every worker reads and writes on its own node: put shards and "
-                       "output_dir on storage every node mounts (absolute paths on a shared file system)")
+                       "output_dir on storage every node mounts (absolute paths on a shared file system) or on "
+                       "object storage (s3://BUCKET/…, credentials in each node's environment)")
 
 
 class WorkerPathError(UserError):
