@@ -5,6 +5,7 @@ image preprocessing a `model.encoder: hf` vision tower gets."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -118,20 +119,29 @@ def test_a_vision_run_plan_on_any_size_photos_and_its_export(vision_models: dict
             Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
                 tmp_path / "photos" / label / f"{i}.png")
     write_shards(str(tmp_path / "photos"), "labeled", tmp_path / "shards")
+    pretrained = tmp_path / "vit"  # a copy, removed after the export: the export must not need it
+    shutil.copytree(vision_models["vit"], pretrained)
     cfg = config.load(None, [f"data.train={tmp_path / 'shards'}", "data.test=null", "data.batch_size=4",
-                             "dist.workers=1", "model.encoder=hf", f"model.pretrained={vision_models['vit']}",
+                             "dist.workers=1", "model.encoder=hf", f"model.pretrained={pretrained}",
                              "model.embedding_dim=null"])
     plan = plan_run(cfg)
     pre = plan.preprocessors["input"]
     assert plan.spec_a.shape == (3, 32, 32) and isinstance(pre, ImagePreprocessor) and pre.mean == (0.5,) * 3
     model = build_model(cfg.model, plan.spec_a).eval()
     export_model(model, cfg.model, plan.spec_a, None, tmp_path / "model", preprocessors=plan.preprocessors)
+    shutil.rmtree(pretrained)
     rebuilt, _ = load_exported(tmp_path / "model")
     assert rebuilt.preprocessing["a"].to_dict() == pre.to_dict()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(rebuilt(images), model(images), atol=1e-6)
         assert rebuilt(images).shape == (2, 32)  # no head: the backbone's width
+        # The saved tower is a plain transformers model with its image processor, as save_pretrained writes it.
+        saved = transformers.AutoModel.from_pretrained(tmp_path / "model" / "tower_a_vision").eval()
+        assert torch.allclose(saved(pixel_values=images).last_hidden_state[:, 0],
+                              model.tower_a.encoder(images), atol=1e-6)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "model" / "tower_a_vision")
+    assert list(processor.image_mean) == [0.5, 0.5, 0.5]
 
 
 def test_dinov2_convnext_siglip_and_a_full_clip_checkpoint(tmp_path: Path) -> None:

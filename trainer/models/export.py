@@ -7,7 +7,9 @@ export interrupted between the moves is detected on load instead of pairing old 
 
 A pretrained Hugging Face text tower is saved as a transformers model (`save_pretrained`: config, safetensors,
 tokenizer) in `0_Transformer/` (tower A) or `tower_b_transformer/` (tower B of a pseudo-Siamese model), with its
-LoRA adapters merged, and `model.safetensors` holds the rest (projection heads). When tower A is one, the
+LoRA adapters merged; a vision tower likewise, with its image processor's config, in `tower_a_vision/` or
+`tower_b_vision/` (`AutoModel.from_pretrained` loads either); `model.safetensors` holds the rest (projection
+heads). An export never needs the pretrained directory it was fine-tuned from. When tower A is one, the
 directory is also a sentence-transformers model (modules.json: Transformer, Pooling, Dense for the pooler and the
 head, Normalize; prompts in config_sentence_transformers.json): `SentenceTransformer(run/model)` embeds as
 `twinscale embed` does. `config.json` also describes each side's preprocessing (`Preprocessor.to_dict`), so
@@ -37,8 +39,9 @@ FORMAT_NAME = "twinscale-embedding-model"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# Where each side's pretrained Hugging Face text tower is saved (tower A's is sentence-transformers' module 0).
+# Where each side's pretrained Hugging Face tower is saved (tower A's text tower is sentence-transformers' module 0).
 HF_TOWER_DIRS = {"a": "0_Transformer", "b": "tower_b_transformer"}
+HF_VISION_DIRS = {"a": "tower_a_vision", "b": "tower_b_vision"}
 
 
 def export_model(model: EmbeddingModel | dict[str, torch.Tensor], cfg: ModelConfig, spec_a: InputSpec,
@@ -55,7 +58,7 @@ def export_model(model: EmbeddingModel | dict[str, torch.Tensor], cfg: ModelConf
     staging.mkdir()
     try:
         state = dict(model) if isinstance(model, dict) else model.state_dict()
-        hf_sides = _hf_text_sides(cfg, spec_a, spec_b)
+        hf_sides = _hf_sides(cfg, spec_a, spec_b)
         if hf_sides:
             from trainer.models.st_export import save_hf_towers
 
@@ -80,14 +83,14 @@ def export_model(model: EmbeddingModel | dict[str, torch.Tensor], cfg: ModelConf
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _hf_text_sides(cfg: ModelConfig, spec_a: InputSpec, spec_b: InputSpec | None) -> dict[str, str]:
-    """Sides whose tower is a pretrained hf text tower → the directory its backbone is saved in."""
+def _hf_sides(cfg: ModelConfig, spec_a: InputSpec, spec_b: InputSpec | None) -> dict[str, str]:
+    """Sides whose tower is a pretrained hf tower (text or vision) → the directory its backbone is saved in."""
     kinds = {"a": cfg.encoder}
     if cfg.architecture == "pseudo_siamese":
         kinds["b"] = cfg.encoder_b or cfg.encoder
     specs = {"a": spec_a, "b": spec_b or spec_a}
-    return {side: HF_TOWER_DIRS[side] for side, kind in kinds.items()
-            if kind == "hf" and specs[side].modality == "text"}
+    return {side: (HF_TOWER_DIRS if specs[side].modality == "text" else HF_VISION_DIRS)[side]
+            for side, kind in kinds.items() if kind == "hf"}
 
 
 def _exported_config(cfg: ModelConfig, hf_sides: dict[str, str]) -> ModelConfig:

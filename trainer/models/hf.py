@@ -121,8 +121,11 @@ class HFTextEncoder(Encoder):
             raise ConfigError(f"model.pooling: {source} has no pooler layer; use mean, cls or last")
         if pooling != "pooler" and pooler is not None:
             pooler.requires_grad_(False)  # unused: kept as loaded, out of the optimizer
-        if gradient_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if gradient_checkpointing:  # transformers 5 renamed it (the old name warns that it goes away in v6)
+            if hasattr(backbone, "activation_checkpointing_enable"):
+                backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.backbone = _with_lora(backbone, lora) if lora is not None else backbone
 
     def forward(self, batch: TokenBatch) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Saving pretrained Hugging Face text towers for export, tower A also as a sentence-transformers model.
+"""Saving pretrained Hugging Face towers for export: text towers (tower A also as a sentence-transformers model)
+and vision towers (the backbone and its image processor's config).
 
 Written without sentence-transformers (a test dependency only), in the layout its loader reads: modules.json →
 0_Transformer (the transformers model, tokenizer, sentence_bert_config.json), 1_Pooling, a Dense module for the
@@ -36,6 +37,9 @@ def save_hf_towers(state: dict[str, torch.Tensor], cfg: ModelConfig, spec_a: Inp
     for side, name in hf_sides.items():
         tower = model.tower_b if side == "b" and model.tower_b is not None else model.tower_a
         encoder: Any = tower.encoder
+        if not hasattr(encoder, "merged_backbone"):  # a vision tower: the model and its processor's config
+            save_vision_tower(encoder, out_dir / name)
+            continue
         backbone = encoder.merged_backbone()
         backbone.save_pretrained(out_dir / name, safe_serialization=True)
         AutoTokenizer.from_pretrained(encoder.source).save_pretrained(out_dir / name)
@@ -45,6 +49,21 @@ def save_hf_towers(state: dict[str, torch.Tensor], cfg: ModelConfig, spec_a: Inp
             _write_st_modules(out_dir, cfg, backbone, state, name)
     return {key: value for key, value in state.items()
             if not key.startswith(tuple(f"tower_{side}.encoder." for side in hf_sides))}
+
+
+def save_vision_tower(encoder: Any, directory: Path) -> None:
+    """A vision tower's backbone (`save_pretrained`) and its image processor's config, as transformers reads them."""
+    encoder.model.save_pretrained(directory, safe_serialization=True)
+    source = Path(encoder.source)
+    if (source / "preprocessor_config.json").is_file():  # a local directory: copied as is
+        (directory / "preprocessor_config.json").write_bytes((source / "preprocessor_config.json").read_bytes())
+        return
+    from transformers import AutoImageProcessor
+
+    try:  # a hub id in the local cache
+        AutoImageProcessor.from_pretrained(encoder.source).save_pretrained(directory)
+    except (OSError, ValueError):
+        pass  # no processor: the export's config.json still records the preprocessing Twinscale used
 
 
 def _write_st_modules(out_dir: Path, cfg: ModelConfig, backbone: Any, state: dict[str, torch.Tensor],

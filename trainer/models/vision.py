@@ -37,6 +37,7 @@ class HFVisionEncoder(Encoder):
     def __init__(self, pretrained: str, gradient_checkpointing: bool = False) -> None:
         super().__init__()
         self.model = load_vision_model(pretrained)
+        self.source = pretrained
         config = self.model.config
         sizes = getattr(config, "hidden_sizes", None)
         self.out_dim = int(sizes[-1]) if sizes else int(config.hidden_size)
