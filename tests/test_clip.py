@@ -263,6 +263,26 @@ def test_logit_scale_is_a_model_parameter_saved_and_reloaded() -> None:
     assert rebuilt.logit_scale is not None and float(rebuilt.logit_scale.detach()) == 3.5
 
 
+def test_logit_scale_is_never_weight_decayed() -> None:
+    """AdamW decays the towers' weights but not clip's temperature (it would drift towards T = 1)."""
+    from trainer.config import ModelConfig
+    from trainer.models.params import param_groups
+    from trainer.models.towers import InputSpec, build_model
+
+    model = build_model(ModelConfig(hidden_dims=[8], embedding_dim=4), InputSpec("vector", (DIM,)))
+    model.add_logit_scale(math.log(1 / 0.07))
+    groups = param_groups(model, 1e-3, {"tower_a.head.*": 1e-2})
+    exempt = [g for g in groups if any(p is model.logit_scale for p in g["params"])]
+    assert len(exempt) == 1 and exempt[0]["params"] == [model.logit_scale] and exempt[0]["weight_decay"] == 0.0
+    assert exempt[0]["lr"] == 1e-3 and all("weight_decay" not in g for g in groups if g is not exempt[0])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    before = float(model.logit_scale.detach())
+    optimizer = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.5)
+    model.logit_scale.grad = torch.zeros_like(model.logit_scale)
+    optimizer.step()
+    assert float(model.logit_scale.detach()) == before  # no gradient, no decay: unchanged
+
+
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "piano", "mirror", "garden", "rocket", "candle", "forest",
          "bridge", "wallet", "ladder", "pepper", "violin", "castle", "needle", "saddle", "anchor", "harbor",
          "jacket", "meadow", "tunnel"]

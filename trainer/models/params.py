@@ -2,7 +2,8 @@
 
 Like sentence-transformers' `learning_rate_mapping`: each trainable parameter takes the learning rate of the first
 fnmatch pattern its name matches, the rest `optim.lr`; frozen parameters (model.freeze, LoRA's base weights) are
-left out. DeepSpeed's schedule scales every group's rate by the same warm-up/decay factor.
+left out; clip's `logit_scale` is exempt from weight decay. DeepSpeed's schedule scales every group's rate by the
+same warm-up/decay factor.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from typing import Any
 from torch import nn
 
 from trainer.errors import ConfigError
+
+NO_DECAY = ("logit_scale",)
+"""Parameter names AdamW never decays."""
 
 
 def param_groups(model: nn.Module, lr: float, lr_groups: dict[str, float]) -> list[dict[str, Any]]:
@@ -30,4 +34,14 @@ def param_groups(model: nn.Module, lr: float, lr_groups: dict[str, float]) -> li
             raise ConfigError(f"optim.lr_groups.{pattern}: matches no trainable parameter (names look like "
                               f"{trainable[0][0]!r}; earlier patterns take precedence)")
     groups = [{"params": members[None], "lr": lr}] if members[None] else []
-    return groups + [{"params": members[pattern], "lr": lr_groups[pattern]} for pattern in patterns]
+    groups += [{"params": members[pattern], "lr": lr_groups[pattern]} for pattern in patterns]
+    # clip's temperature is not a weight: decaying it would pull the learned logit_scale towards 0 (open_clip
+    # exempts it too). It gets a group of its own at its pattern's rate, with weight decay 0.
+    exempt = {id(param) for name, param in trainable if name in NO_DECAY}
+    split = []
+    for group in groups:
+        kept = [p for p in group["params"] if id(p) not in exempt]
+        freed = [p for p in group["params"] if id(p) in exempt]
+        split += ([{**group, "params": kept}] if kept else []) + \
+            ([{**group, "params": freed, "weight_decay": 0.0}] if freed else [])
+    return split
