@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import gc
 import itertools
+import pickle
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer import config
 from trainer.config import DataConfig
-from trainer.data.formats import read_index
-from trainer.data.stream import _RunLoader, epoch_plan, train_batches
+from trainer.data.formats import TextBatch, read_index
+from trainer.data.stream import _ByValue, _RunLoader, _small_by_value, _tensors, epoch_plan, train_batches
 from trainer.data.writer import write_shards
 from trainer.errors import ConfigError
 
@@ -108,3 +110,18 @@ def test_one_loader_serves_consecutive_epochs(uneven: Path) -> None:
     del current, upcoming, again, loader
     gc.collect()
     assert not _RunLoader._live  # the last epoch stream gone: the loader and its workers stop
+
+
+def test_small_tensors_cross_by_value_and_come_back_equal() -> None:
+    batch = {"views": {"a": torch.arange(12, dtype=torch.float16).view(3, 4), "b": TextBatch(torch.arange(5),
+                                                                                               torch.tensor([0, 2]))},
+             "labels": {"a": torch.tensor([1, 2, 3])}, "similar": torch.tensor([True, False]), "keys": ["x", "y"],
+             "big": torch.zeros(2**19, dtype=torch.float32), "corrupt": 0}
+    sent = pickle.loads(pickle.dumps(_small_by_value(batch)))
+    assert isinstance(sent["views"]["a"], _ByValue) and isinstance(sent["big"], torch.Tensor)  # 2 MiB: shared memory
+    back = _tensors(sent)
+    for got, want in [(back["views"]["a"], batch["views"]["a"]), (back["views"]["b"].ids, batch["views"]["b"].ids),
+                      (back["views"]["b"].offsets, batch["views"]["b"].offsets), (back["similar"], batch["similar"]),
+                      (back["labels"]["a"], batch["labels"]["a"]), (back["big"], batch["big"])]:
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert back["keys"] == ["x", "y"] and back["corrupt"] == 0

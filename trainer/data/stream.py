@@ -298,7 +298,7 @@ class _RunLoader:
         while True:
             while not self.pending[worker]:
                 try:
-                    source, its_epoch, batch = next(self.iterator)
+                    source, its_epoch, batch = _tensors(next(self.iterator))
                 except DataError as error:
                     raise DataError(_one_line(error)) from None
                 self.pending[source].append((its_epoch, batch))
@@ -325,9 +325,51 @@ def epoch_plan(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int,
         raise DataError(f"{shard_dir}: {error}") from None
 
 
+SMALL_TENSOR_BYTES = 1 << 20
+"""Tensors up to this size cross from a loader worker pickled by value, as numpy arrays (`_ByValue`)."""
+
+
+@dataclass(frozen=True)
+class _ByValue:
+    """A small tensor on its way from a loader worker: torch would put each tensor of a batch in a shared-memory
+    segment of its own (a file, a descriptor passed over a socket, a mapping), which for a batch of small vectors,
+    labels and content ids costs more than making the batch; pickled inline it costs a copy."""
+
+    array: np.ndarray
+
+
 def _as_is(batch: Any) -> Any:
-    # The pipeline makes finished batches: torch's default (default_convert) would only walk and rebuild them.
-    return batch
+    # The pipeline makes finished batches: torch's default (default_convert) would only walk and rebuild them. This
+    # runs where the batch is made: in a loader worker, its small tensors are sent by value (`_tensors` restores them).
+    return batch if torch.utils.data.get_worker_info() is None else _small_by_value(batch)
+
+
+def _small_by_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        small = value.numel() * value.element_size() <= SMALL_TENSOR_BYTES and value.dtype != torch.bfloat16
+        return _ByValue(value.numpy()) if small and not value.requires_grad else value
+    if isinstance(value, dict):
+        return {key: _small_by_value(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_small_by_value(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # TextBatch, TokenBatch
+        return dataclasses.replace(value, **{field.name: _small_by_value(getattr(value, field.name))
+                                             for field in dataclasses.fields(value) if field.init})
+    return value
+
+
+def _tensors(value: Any) -> Any:
+    """`value` with every `_ByValue` a tensor again (the same dtype and values as in the worker)."""
+    if isinstance(value, _ByValue):
+        return torch.from_numpy(value.array)
+    if isinstance(value, dict):
+        return {key: _tensors(item) for key, item in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_tensors(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{field.name: _tensors(getattr(value, field.name))
+                                             for field in dataclasses.fields(value) if field.init})
+    return value
 
 
 def _ignore_stop_signals(worker: int) -> None:
@@ -478,7 +520,7 @@ def _drain(iterator: Any) -> Generator[Batch, None, None]:
     try:
         while True:
             try:
-                batch = next(iterator)
+                batch = _tensors(next(iterator))
             except StopIteration:
                 return
             except DataError as error:
