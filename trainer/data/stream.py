@@ -693,8 +693,7 @@ class SampleDecoder:
     def decode_packed(self, block: Block, row: int) -> dict[str, Any]:
         """`decode` of sample `row` of a packed block: the same result as its unpacked members would give."""
         key = block.keys[row]
-        context = SampleContext(key, self.seed, self.epoch, self.train)
-        views = {view: self.packed_view(block, view, row, context) for view in self.index.views}
+        views = {view: self.packed_view(block, view, row) for view in self.index.views}
         labels = {view: int(block.labels[view][row]) for view in views} if self.index.labels else {}
         decoded: dict[str, Any] = {"__key__": key, "views": views, "labels": labels,
                                    "content": {view: int(block.content[view][row]) for view in views}}
@@ -702,18 +701,19 @@ class SampleDecoder:
             decoded["similar"] = float(block.similar[row])
         return decoded
 
-    def packed_view(self, block: Block, view: str, row: int, context: SampleContext) -> Any:
+    def packed_view(self, block: Block, view: str, row: int) -> Any:
         """One view's row from a block: plain arrays straight from the block's float32 copy (what `decode_npy`
         makes of each row), anything else through the view's Preprocessor from the bytes the row unpacks to."""
         preprocessor, items = self.preprocessors[view], block.items[view]
         try:
-            if isinstance(items, list):
-                return preprocessor.prepare(items[row], "txt", context)
-            if type(preprocessor) is ArrayPreprocessor:
+            if type(preprocessor) is ArrayPreprocessor and not isinstance(items, list):
                 rows = block.float32(view)
                 if preprocessor.shape is not None and rows.shape[1:] != preprocessor.shape:
                     raise ValueError(f"shape {list(rows.shape[1:])} differs from index.json {list(preprocessor.shape)}")
                 return rows[row]
+            context = SampleContext(block.keys[row], self.seed, self.epoch, self.train)
+            if isinstance(items, list):
+                return preprocessor.prepare(items[row], "txt", context)
             return preprocessor.prepare(encode_npy(items[row]), "npy", context)
         except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
             raise CorruptSample(f"{view}: cannot decode ({type(error).__name__}: {error})") from None
