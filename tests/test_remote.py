@@ -277,3 +277,34 @@ def test_refused_credentials_are_one_line_naming_the_url(s3_with_auth: str, tmp_
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: s3://guarded/") and "credentials" in error and "\n" not in error, error
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def http_set(local_set: Path) -> Iterator[str]:
+    """The same shards served over HTTP by a loopback web server (what https:// URLs go through: fsspec's HTTP
+    filesystem on aiohttp)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(local_set)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_set_over_http_streams_like_the_local_copy(http_set: str, local_set: Path) -> None:
+    spec = f"{http_set}/{{00000..00003}}.tar"
+    index = open_shard_set(spec, FIELDS)  # counts from the index.json served next to the shards
+    assert index.location == http_set and [s.samples for s in index.shards] == [40] * 4
+    local = config(f"{local_set}/{{00000..00003}}.tar")
+    assert keys(train_batches(spec, config(spec), seed=3, epoch=0, rank=1, world_size=2)) == \
+        keys(train_batches(local.train, local, seed=3, epoch=0, rank=1, world_size=2))
+    with pytest.raises(DataError, match=r"no count for 2 shard.*00008\.tar"):
+        open_shard_set(f"{http_set}/{{00008..00009}}.tar", FIELDS)
