@@ -159,3 +159,30 @@ def test_audit_hook_records_a_driver_path(tmp_path: Path) -> None:
                    env=env, check=True, timeout=60)
     lines = log.read_text().splitlines()
     assert len(lines) == 1 and "only-here.txt" in lines[0] and " open " in lines[0], lines
+
+
+def test_resume_on_a_node_whose_mirror_saw_the_checkpoint_from_another_rank(s3_server: str, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ranks may land on other nodes when a run resumes: a node whose mirror holds the newest checkpoint as rank 0
+    saved it (its own files and run_state.json, not rank 1's) gets the missing files from S3, and a newer local
+    checkpoint the storage never marked complete is dropped — every node resumes the storage's newest one."""
+    from trainer.remote_runs import fetch_run, local_mirror
+
+    s3_env(monkeypatch, s3_server)
+    monkeypatch.setenv("TWINSCALE_RUN_CACHE", str(tmp_path / "node"))
+    fs, _ = remote.filesystem("s3://moved-ranks")
+    fs.mkdir("moved-ranks")
+    url = "s3://moved-ranks/runs/moved"
+    files = {"config.yaml": b"name: moved\n", "checkpoints/step_00000002/run_state.json": b"{}",
+             "checkpoints/step_00000002/rank_0.pt": b"zero", "checkpoints/step_00000002/rank_1.pt": b"one"}
+    for name, data in files.items():
+        fs.pipe_file(f"moved-ranks/runs/moved/{name}", data)
+    mirror = local_mirror(url)
+    for name in ("checkpoints/step_00000002/run_state.json", "checkpoints/step_00000002/rank_0.pt",
+                 "checkpoints/step_00000004/run_state.json", "checkpoints/step_00000004/rank_0.pt"):
+        (mirror / name).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / name).write_bytes(files.get(name, b"local"))
+    assert fetch_run(url) == mirror
+    assert sorted(p.name for p in (mirror / "checkpoints").iterdir()) == ["step_00000002"]
+    assert (mirror / "checkpoints/step_00000002/rank_1.pt").read_bytes() == b"one"
+    assert not list(mirror.rglob(".fetching-*"))

@@ -141,7 +141,23 @@ def fetch_run(url: str) -> Path:
             if not (staging / STATE_FILE).is_file():
                 raise DataError(f"{url}/checkpoints/{complete[-1]}: incomplete download")
             os.replace(staging, newest)
+        else:  # complete here, as rank 0 saw it: the files of ranks that ran on other nodes may be missing
+            _fill_in(fs, url, f"{root}/checkpoints/{complete[-1]}", newest)
     return run_dir
+
+
+def _fill_in(fs: Any, url: str, source: str, target: Path) -> None:
+    """Download the files of the remote checkpoint `source` that `target` lacks (or holds at another size), each
+    under a temporary name first: ranks may land on other nodes than the ones that saved their files."""
+    found = remote.with_retries(url, lambda: fs.find(source, detail=True))
+    for name, info in sorted(found.items()):
+        local = target / name[len(source):].lstrip("/")
+        if local.is_file() and local.stat().st_size == info.get("size"):
+            continue
+        local.parent.mkdir(parents=True, exist_ok=True)
+        partial = local.with_name(f".fetching-{local.name}")
+        remote.with_retries(url, lambda n=name, p=partial: fs.get_file(n, str(p)))
+        os.replace(partial, local)
 
 
 def fetch_outputs(url: str) -> Path:
