@@ -1,21 +1,32 @@
-"""Samples/s of the shard stream alone (read + decode + batch) against what training consumes, and a large
-synthetic shard set streamed end to end to show that memory stays flat.
+"""Samples/s of the shard stream alone (read + decode + batch) against what training consumes, JPEG photos through
+the train transforms against Pillow's decode-and-resize alone, and a large synthetic shard set streamed end to end
+to show that memory stays flat.
 
-    python bench/data.py                       # digits images and vectors, plus 1,000,000 synthetic samples
+    python bench/data.py                       # digits images and vectors, JPEGs, plus 1,000,000 synthetic samples
     python bench/data.py --large 0             # skip the large set
-    python bench/data.py --large 200000 --repeats 5
+    python bench/data.py --large 0 --jpegs 0 --recipes vectors --repeats 3
 
 Per recipe (the default demo: digits as 8x8 PNGs; configs/digits_vectors.yaml: 64-d npy vectors):
 
 - stream, in-process stages: µs per sample of reading the tar members, of reading + decoding, and of the whole
   pipeline (read + shuffle + decode + batch) with `data.loader_workers=0`, over rank 0's shards of a 2-worker run.
-- stream per DataLoader worker: `train_batches` as a run calls it (rank 0 of 2, one DataLoader worker, a new
-  loader per epoch started when the previous epoch begins), samples/s over `--epochs` consecutive epochs.
+- stream per DataLoader worker: `train_batches` as a run calls it (rank 0 of 2, one DataLoader worker, each
+  epoch's stream opened when the previous epoch begins), samples/s over the recipe's epochs (optim.epochs, or
+  `--epochs`), in variants side by side: a new loader per epoch (`persistent=False`, the stream before
+  persistent workers), persistent loader workers, and for vectors the same samples written packed
+  (`twinscale shards --pack 64`).
 - training consumption: samples/s one worker's training step takes (Twinscale's step on batches already in
   memory, one process, the recipe's thread count), so the ratio says how many times over one loader worker
   could feed one training worker. Target: >= 5.
 
-The figures alternate stream / training per repeat and report medians. The large set (`--large N` samples of
+The figures alternate stream variants / training per repeat and report medians.
+
+JPEGs (`--jpegs N`, 0 skips): N photos-like JPEGs of 320x240 (smooth noise, quality 90) in an image folder,
+written as labeled shards (original bytes); samples/s of the stream with ImagePreprocessor(224) in training mode
+(random resized crop + flip, normalised batches of 32; one persistent loader worker, two epochs) against
+Pillow's open + draft + convert + resize to 224x224 of the same bytes in one process. Target: within 1.3x.
+
+The large set (`--large N` samples of
 16-d vectors in shards of 10,000, written once under --work) is streamed once with two DataLoader workers while
 the resident memory of this process and its workers is sampled.
 """
@@ -76,13 +87,16 @@ def stage_timings(cfg: Any) -> dict[str, float]:
             "pipeline": per_sample_us(pipeline_s, count)}
 
 
-def stream_rate(cfg: Any, epochs: int, first_epoch: int) -> float:
-    """Samples/s of rank 0 of 2 with the recipe's DataLoader workers, over consecutive epochs, each epoch's loader
-    started when the previous epoch begins (as TrainLoop.run does)."""
+def stream_rate(cfg: Any, train: str, epochs: int, first_epoch: int, persistent: bool) -> float:
+    """Samples/s of rank 0 of 2 with the recipe's DataLoader workers, over consecutive epochs, each epoch's stream
+    opened when the previous epoch begins (as TrainLoop.run does)."""
     from trainer.data.stream import train_batches
 
+    data = cfg.data.model_copy(update={"train": train})
+
     def epoch_batches(epoch: int, start: bool) -> Any:
-        return train_batches(cfg.data.train, cfg.data, seed=cfg.seed, epoch=epoch, rank=0, world_size=2, start=start)
+        return train_batches(train, data, seed=cfg.seed, epoch=epoch, rank=0, world_size=2, start=start,
+                             persistent=persistent)
 
     started, count, upcoming = time.perf_counter(), 0, None
     for epoch in range(first_epoch, first_epoch + epochs):
@@ -91,6 +105,20 @@ def stream_rate(cfg: Any, epochs: int, first_epoch: int) -> float:
         for batch in batches:
             count += len(batch["keys"])
     return count / (time.perf_counter() - started)
+
+
+def packed_copy(cfg: Any, work: Path, pack: int) -> str | None:
+    """The recipe's training split written again with `--pack` (same source, seed and split), or None for images."""
+    from trainer.data.formats import read_index
+    from trainer.data.writer import shards_exist, write_shards
+
+    if any(spec.ext != "npy" for spec in read_index(cfg.data.train).views.values()):
+        return None
+    out = work / f"{Path(cfg.data.train).parent.name}-pack{pack}"
+    if not shards_exist(out / "train"):
+        write_shards(str(cfg.data.source), "labeled", out, test_fraction=cfg.data.test_fraction, seed=cfg.seed,
+                     samples_per_shard=cfg.data.samples_per_shard, overwrite=True, pack=pack)
+    return str(out / "train")
 
 
 class TrainingConsumer:
@@ -117,18 +145,103 @@ class TrainingConsumer:
 def compare(name: str, cfg: Any, args: argparse.Namespace) -> None:
     stages = [stage_timings(cfg) for _ in range(args.repeats)]
     shown = ", ".join(f"{key} {statistics.median(s[key] for s in stages):.0f}" for key in stages[0])
-    print(f"{name}: in-process µs/sample (median of {args.repeats}): {shown}")
+    print(f"{name}: in-process µs/sample, unpacked shards (median of {args.repeats}): {shown}")
+    epochs = args.epochs or cfg.optim.epochs
+    variants = {"a loader per epoch": (cfg.data.train, False), "persistent workers": (cfg.data.train, True)}
+    packed = packed_copy(cfg, args.work, 64)
+    if packed is not None:
+        variants["packed, a loader per epoch"] = (packed, False)
+        variants["packed, persistent workers"] = (packed, True)
     consumer = TrainingConsumer(cfg)
-    stream, training = [], []
+    stream: dict[str, list[float]] = {variant: [] for variant in variants}
+    training = []
     for repeat in range(args.repeats):
-        stream.append(stream_rate(cfg, args.epochs, first_epoch=repeat * args.epochs))
+        for variant, (train, persistent) in variants.items():
+            stream[variant].append(stream_rate(cfg, train, epochs, repeat * epochs, persistent))
         training.append(consumer.rate(args.steps))
-        print(f"  {name} repeat {repeat}: stream {stream[-1]:7.0f} samples/s per loader worker, "
-              f"training {training[-1]:7.0f} samples/s per worker, ratio {stream[-1] / training[-1]:.2f}")
-    ratios = [s / t for s, t in zip(stream, training, strict=True)]
-    print(f"{name}: stream {statistics.median(stream):.0f} samples/s per loader worker "
-          f"({cfg.data.loader_workers} per training worker), training {statistics.median(training):.0f} samples/s "
-          f"per worker; ratio median {statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+        shown = ", ".join(f"{variant} {rates[-1]:.0f}" for variant, rates in stream.items())
+        print(f"  {name} repeat {repeat}: stream samples/s per loader worker: {shown}; training {training[-1]:.0f} "
+              f"samples/s per worker", flush=True)
+    print(f"{name}: training {statistics.median(training):.0f} samples/s per worker; stream over {epochs} epochs, "
+          f"{cfg.data.loader_workers} loader worker per training worker:")
+    for variant, rates in stream.items():
+        ratios = [rate / consumed for rate, consumed in zip(rates, training, strict=True)]
+        print(f"  {variant:28s} {statistics.median(rates):7.0f} samples/s per loader worker, ratio median "
+              f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f})")
+
+
+# --- JPEG photos through the train transforms -------------------------------------------------------------------
+
+def write_jpegs(directory: Path, count: int) -> Path:
+    """`count` 320x240 JPEGs in 4 class folders (smooth noise, so they compress like photos), then their shards."""
+    from PIL import Image
+
+    from trainer.data.writer import shards_exist, write_shards
+
+    shards = directory / "shards"
+    if shards_exist(shards):
+        return shards
+    rng = np.random.default_rng(0)
+    for number in range(count):
+        folder = directory / "photos" / f"class{number % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        coarse = rng.integers(0, 256, (15, 20, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((320, 240), Image.Resampling.BICUBIC)
+        image.save(folder / f"{number:05d}.jpg", quality=90)
+    write_shards(str(directory / "photos"), "labeled", shards, samples_per_shard=64, overwrite=True)
+    return shards
+
+
+def pillow_rate(shards: Path, size: int) -> float:
+    """Samples/s of Pillow alone on the shards' JPEG bytes: open, draft, convert to RGB, resize to size x size."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    photos = []
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            photos += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]  # type: ignore[union-attr]
+    started = time.perf_counter()
+    for data in photos:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (size, size))
+            np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
+    return len(photos) / (time.perf_counter() - started)
+
+
+def jpeg_stream_rate(shards: Path, size: int, first_epoch: int) -> float:
+    """Samples/s of the training stream of the JPEG shards, ImagePreprocessor(size), one persistent loader worker."""
+    from trainer.config import DataConfig
+    from trainer.data.stream import train_batches
+    from trainer.data.transforms import ImagePreprocessor
+
+    data = DataConfig(train=str(shards), test=None, batch_size=32, loader_workers=1)
+    preprocessors = {"input": ImagePreprocessor(size, view="input")}
+    started, count, upcoming = time.perf_counter(), 0, None
+    for epoch in range(first_epoch, first_epoch + 2):
+        batches = upcoming or train_batches(shards, data, seed=0, epoch=epoch, rank=0, world_size=1,
+                                            preprocessors=preprocessors)
+        upcoming = train_batches(shards, data, seed=0, epoch=epoch + 1, rank=0, world_size=1, start=True,
+                                 preprocessors=preprocessors) if epoch == first_epoch else None
+        for batch in batches:
+            count += len(batch["keys"])
+    return count / (time.perf_counter() - started)
+
+
+def compare_jpegs(args: argparse.Namespace) -> None:
+    shards = write_jpegs(args.work / f"jpegs-{args.jpegs}", args.jpegs)
+    stream, pillow = [], []
+    for repeat in range(args.repeats):
+        stream.append(jpeg_stream_rate(shards, 224, 2 * repeat))
+        pillow.append(pillow_rate(shards, 224))
+        print(f"  jpegs repeat {repeat}: stream {stream[-1]:.0f} samples/s per loader worker, Pillow decode+resize "
+              f"{pillow[-1]:.0f} samples/s, Pillow/stream {pillow[-1] / stream[-1]:.2f}", flush=True)
+    ratios = [p / s for p, s in zip(pillow, stream, strict=True)]
+    print(f"jpegs (320x240 → 224, train transforms): stream {statistics.median(stream):.0f} samples/s per loader "
+          f"worker, Pillow decode+resize alone {statistics.median(pillow):.0f} samples/s; Pillow/stream median "
+          f"{statistics.median(ratios):.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}); target ≤ 1.3")
 
 
 # --- the large synthetic set ---------------------------------------------------------------------------------
@@ -197,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipes", nargs="*", choices=sorted(RECIPES), default=["images", "vectors"])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs streamed per repeat")
+    parser.add_argument("--epochs", type=int, default=0, help="epochs streamed per repeat (0: the recipe's)")
+    parser.add_argument("--jpegs", type=int, default=512, help="JPEGs of the image-transform comparison (0: skip)")
     parser.add_argument("--steps", type=int, default=40, help="training steps timed per repeat")
     parser.add_argument("--large", type=int, default=1_000_000, help="samples of the synthetic set (0: skip)")
     parser.add_argument("--large-workers", type=int, default=2, help="DataLoader workers streaming the large set")
@@ -214,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = prepare_config(RECIPES[name], [], 2, args.work)
         torch.set_num_threads(cfg.dist.cpus_per_worker)
         compare(name, cfg, args)
+    if args.jpegs:
+        compare_jpegs(args)
     if args.large:
         directory = args.work / f"synthetic-{args.large}"
         write_large(directory, args.large, per_shard=10_000, dim=16, classes=1000)
