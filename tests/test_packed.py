@@ -128,3 +128,14 @@ def test_images_are_not_packed(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="only npy and txt views are packed"):
         write_shards("digits", "labeled", tmp_path / "images", as_images=True, pack=8)
     assert not (tmp_path / "images").exists()
+
+
+def test_cli_pack(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch import cli
+
+    assert cli.main(["shards", "digits", "--kind", "pairs", "--out", str(tmp_path / "pairs"), "--pack", "32"]) == 0
+    assert read_index(tmp_path / "pairs").pack == 32
+    assert cli.main(["shards", "digits", "--kind", "labeled", "--out", str(tmp_path / "png"), "--as-images",
+                     "--pack", "32"]) == 2
+    assert "only npy and txt views are packed" in capsys.readouterr().err
+    assert not (tmp_path / "png").exists()
