@@ -3,9 +3,11 @@
 Training (`train_batches`): `plan_epoch` shuffles the shard list with (seed, epoch) and assigns whole shards to
 world_size × loader_workers slots, from index.json alone, so every rank agrees on the same number of batches
 without reading data (unequal counts hang DeepSpeed's collectives). Each slot streams its own shards:
-tar members → seeded shuffle buffer → explicit decode of the declared members → full batches, or, with
-data.classes_per_batch, class-balanced batches of P classes × K samples (trainer.data.balance). The stream depends
-only on (seed, epoch, rank, worker), so an epoch can be replayed or resumed exactly.
+tar members (a packed set's blocks unpacked into samples, trainer/data/packed.py) → seeded shuffle buffer →
+explicit decode of the declared members → full batches, or, with data.classes_per_batch, class-balanced batches
+of P classes × K samples (trainer.data.balance). The stream depends only on (seed, epoch, rank, worker), so an
+epoch can be replayed or resumed exactly. A rank's DataLoader workers persist across epochs (`_RunLoader`), each
+streaming its slot of every epoch in turn.
 
 Evaluation (`eval_batches`): every sample once, in index order, last partial batch kept; with several ranks each
 streams a contiguous share of that order (`eval_share`).
