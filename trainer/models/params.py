@@ -33,15 +33,14 @@ def param_groups(model: nn.Module, lr: float, lr_groups: dict[str, float]) -> li
         if not members[pattern]:
             raise ConfigError(f"optim.lr_groups.{pattern}: matches no trainable parameter (names look like "
                               f"{trainable[0][0]!r}; earlier patterns take precedence)")
-    groups = [{"params": members[None], "lr": lr}] if members[None] else []
-    groups += [{"params": members[pattern], "lr": lr_groups[pattern]} for pattern in patterns]
+    rates = ([(members[None], lr)] if members[None] else []) + [(members[p], lr_groups[p]) for p in patterns]
     # clip's temperature is not a weight: decaying it would pull the learned logit_scale towards 0 (open_clip
     # exempts it too). It gets a group of its own at its pattern's rate, with weight decay 0.
     exempt = {id(param) for name, param in trainable if name in NO_DECAY}
-    split = []
-    for group in groups:
-        kept = [p for p in group["params"] if id(p) not in exempt]
-        freed = [p for p in group["params"] if id(p) in exempt]
-        split += ([{**group, "params": kept}] if kept else []) + \
-            ([{**group, "params": freed, "weight_decay": 0.0}] if freed else [])
-    return split
+    groups: list[dict[str, Any]] = []
+    for params, rate in rates:
+        kept = [p for p in params if id(p) not in exempt]
+        freed = [p for p in params if id(p) in exempt]
+        groups += ([{"params": kept, "lr": rate}] if kept else []) + \
+            ([{"params": freed, "lr": rate, "weight_decay": 0.0}] if freed else [])
+    return groups
