@@ -13,6 +13,7 @@ the driver's directory, and the driver's run cache holds the run's outputs only 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -186,3 +187,42 @@ def test_resume_on_a_node_whose_mirror_saw_the_checkpoint_from_another_rank(s3_s
     assert sorted(p.name for p in (mirror / "checkpoints").iterdir()) == ["step_00000002"]
     assert (mirror / "checkpoints/step_00000002/rank_1.pt").read_bytes() == b"one"
     assert not list(mirror.rglob(".fetching-*"))
+
+
+def test_submit_and_resume_an_object_storage_run_as_jobs(s3_server: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """configs/digits_s3.yaml submitted as is (but its bucket and length): the cluster's own credentials (its
+    nodes' environment, as a Kubernetes Secret gives them) reach the bucket, the submitter sends none; the job
+    writes the demo's shards and the run to S3, and `twinscale resume s3://… --address http://…` resumes it as a
+    job."""
+    s3_env(monkeypatch, s3_server)
+    fs, _ = remote.filesystem("s3://jobs-on-s3")
+    fs.mkdir("jobs-on-s3")
+    cluster = LocalRayCluster()
+    try:
+        cluster.start_head(num_cpus=2, env={**s3_environment(s3_server), "TWINSCALE_RUN_CACHE": str(tmp_path / "head")},
+                           cwd=tmp_path)
+        env = {name: value for name, value in cluster.env.items() if not name.startswith("AWS_")}
+        env.update(WANDB_MODE="offline", PYTHONPATH=str(ROOT))
+
+        def twinscale(*args: str) -> subprocess.CompletedProcess:
+            done = subprocess.run([sys.executable, "-m", "launch.cli", *args, "--address", cluster.dashboard_address],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+            return done
+
+        submitted = twinscale("submit", "configs/digits_s3.yaml", "--follow", "--set", "name=job",
+                              "--set", "data.train=s3://jobs-on-s3/data/digits-images/train",
+                              "--set", "data.test=s3://jobs-on-s3/data/digits-images/test",
+                              "--set", "output_dir=s3://jobs-on-s3/runs", "--set", "optim.max_steps=2",
+                              "--set", "checkpoint.every_steps=2", "--set", "dist.workers=1",
+                              "--set", "data.loader_workers=0")
+        assert "cluster's own credentials" in submitted.stderr and "warning" not in submitted.stderr
+        assert "s3://jobs-on-s3/runs/job" in submitted.stdout  # the job's final table names the run by its URL
+        assert fs.isfile("jobs-on-s3/data/digits-images/train/index.json")  # the demo's shards, written by the job
+        fs.rm_file("jobs-on-s3/runs/job/final_metrics.json")
+        resumed = twinscale("resume", "s3://jobs-on-s3/runs/job")
+    finally:
+        cluster.stop()
+    assert resumed.stdout.splitlines()[0].startswith("twinscale-resume-")
+    assert json.loads(fs.cat_file("jobs-on-s3/runs/job/final_metrics.json"))["step"] == 2
