@@ -1,13 +1,13 @@
 """The training and evaluation input pipeline: shard sets streamed from WebDataset tar files into batches.
 
-Training (`train_batches`): `plan_epoch` shuffles the shard list with (seed, epoch) and assigns whole shards to
-world_size × loader_workers slots, from index.json alone, so every rank agrees on the same number of batches
-without reading data (unequal counts hang DeepSpeed's collectives). Each slot streams its own shards:
+Training (`train_batches`): `plan_epoch` (trainer/data/plan.py) shuffles the shard list with (seed, epoch) and
+assigns whole shards to world_size × loader_workers slots, from index.json alone, so every rank agrees on the same
+number of batches without reading data (unequal counts hang DeepSpeed's collectives). Each slot streams its shards:
 tar members (a packed set's blocks unpacked into samples, trainer/data/packed.py) → seeded shuffle buffer →
-explicit decode of the declared members → full batches, or, with data.classes_per_batch, class-balanced batches
-of P classes × K samples (trainer.data.balance). The stream depends only on (seed, epoch, rank, worker), so an
-epoch can be replayed or resumed exactly. A rank's DataLoader workers persist across epochs (`_RunLoader`), each
-streaming its slot of every epoch in turn.
+explicit decode of the declared members (trainer/data/decode.py) → full batches, or, with
+data.classes_per_batch, class-balanced batches of P classes × K samples (trainer.data.balance). The stream depends
+only on (seed, epoch, rank, worker), so an epoch can be replayed or resumed exactly. A rank's DataLoader workers
+persist across epochs (`_RunLoader`), each streaming its slot of every epoch in turn.
 
 Evaluation (`eval_batches`): every sample once, in index order, last partial batch kept; with several ranks each
 streams a contiguous share of that order (`eval_share`).
@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import heapq
 import itertools
 import logging
 import multiprocessing.util
@@ -51,124 +50,22 @@ import webdataset as wds
 
 from trainer.config import DataConfig
 from trainer.data.balance import ClassBalancedBatches, check_balanced_shards
-from trainer.data.formats import ShardIndex, ShardInfo, ViewSpec, cls_member, view_member
-from trainer.data.packed import Block, read_block
-from trainer.data.preprocess import (  # noqa: F401 - decoders re-exported for callers of this module
-    IMAGE_FORMATS,
-    ArrayPreprocessor,
-    ImageSizeError,
+from trainer.data.decode import BatchCollator, SampleDecoder, _WorkerState
+from trainer.data.formats import ShardIndex
+from trainer.data.packed import read_block
+from trainer.data.plan import EpochPlan, eval_share, plan_epoch
+from trainer.data.preprocess import (  # noqa: F401 - the decoders are re-exported for callers of this module
     Preprocessor,
-    SampleContext,
-    content_id,
     decode_image,
     decode_npy,
     decode_pixels,
     default_preprocessors,
 )
 from trainer.data.shardsets import open_data, shard_samples
-from trainer.data.sources import encode_npy
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
 Batch = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """Which shards each (rank, DataLoader worker) slot reads this epoch, and how many batches every rank yields."""
-
-    seed: int
-    epoch: int
-    world_size: int
-    workers: int
-    """Slots per rank: max(1, loader_workers)."""
-    batch_size: int
-    order: tuple[str, ...]
-    """The shard files in this epoch's shuffled order."""
-    slots: tuple[tuple[tuple[str, ...], ...], ...]
-    """slots[rank][worker]: the shard files that slot streams, in shuffled order."""
-    slot_samples: tuple[tuple[int, ...], ...]
-    """slot_samples[rank][worker]: samples in those shards."""
-    batches_per_rank: int
-    """Batches every rank yields: the smallest number of full batches any rank can make."""
-    num_samples: int
-
-    def rank_batches(self, rank: int) -> int:
-        """Full batches rank `rank` could make (each slot batches only its own samples)."""
-        return sum(samples // self.batch_size for samples in self.slot_samples[rank])
-
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples yielded over all ranks this epoch."""
-        return self.batches_per_rank * self.batch_size * self.world_size
-
-    @property
-    def dropped_samples(self) -> int:
-        """Samples not yielded this epoch: partial batches and batches beyond the smallest rank's count."""
-        return self.num_samples - self.samples_per_epoch
-
-
-def plan_epoch(index: ShardIndex, *, seed: int, epoch: int, world_size: int, loader_workers: int,
-               batch_size: int, epoch_samples: int | None = None) -> EpochPlan:
-    """Shuffle the shards with (seed, epoch) and assign them to every rank's DataLoader workers.
-
-    With `epoch_samples` (resampled mode) every slot draws from all shards with replacement (`_SlotShards`) and
-    each rank yields epoch_samples // (world_size × batch_size) batches; no sample counts are needed."""
-    if world_size < 1 or loader_workers < 0 or batch_size < 1:
-        raise DataError(f"plan_epoch: need world_size ≥ 1, loader_workers ≥ 0 and batch_size ≥ 1, got "
-                        f"{world_size}, {loader_workers}, {batch_size}")
-    workers = max(1, loader_workers)
-    if epoch_samples is not None:
-        return _resampled_plan(index, seed=seed, epoch=epoch, world_size=world_size, workers=workers,
-                               batch_size=batch_size, epoch_samples=epoch_samples)
-    permutation = np.random.default_rng([seed % 2**63, epoch % 2**63]).permutation(len(index.shards))
-    shuffled = [index.shards[i] for i in permutation]
-    slots = _assign(shuffled, world_size, workers)
-    plan = EpochPlan(seed=seed, epoch=epoch, world_size=world_size, workers=workers, batch_size=batch_size,
-                     order=tuple(shard.file for shard in shuffled),
-                     slots=tuple(tuple(tuple(s.file for s in slot) for slot in rank) for rank in slots),
-                     slot_samples=tuple(tuple(sum(s.samples for s in slot) for slot in rank) for rank in slots),
-                     batches_per_rank=0, num_samples=index.num_samples)
-    batches = [plan.rank_batches(rank) for rank in range(world_size)]
-    if min(batches) == 0:
-        raise DataError(_too_few_shards(index, plan, batches.index(0)))
-    return dataclasses.replace(plan, batches_per_rank=min(batches))
-
-
-def _resampled_plan(index: ShardIndex, *, seed: int, epoch: int, world_size: int, workers: int, batch_size: int,
-                    epoch_samples: int) -> EpochPlan:
-    batches = epoch_samples // (world_size * batch_size)
-    if batches == 0:
-        raise DataError(f"data.epoch_samples: {epoch_samples} samples make no batch of {batch_size} on each of "
-                        f"{world_size} rank(s); raise it to at least {world_size * batch_size}")
-    every = tuple(shard.file for shard in index.shards)
-    return EpochPlan(seed=seed, epoch=epoch, world_size=world_size, workers=workers, batch_size=batch_size,
-                     order=every, slots=tuple(tuple(every for _ in range(workers)) for _ in range(world_size)),
-                     slot_samples=tuple(tuple(0 for _ in range(workers)) for _ in range(world_size)),
-                     batches_per_rank=batches, num_samples=epoch_samples)
-
-
-def _assign(shards: list[ShardInfo], world_size: int, workers: int) -> list[list[list[ShardInfo]]]:
-    # Largest shards first, each to the least-loaded slot; ties go worker-major (rank 0 worker 0, rank 1 worker
-    # 0, ...) so equal shards are split by node first, then by worker. Slot loads then depend only on the shard
-    # sizes, so batches_per_rank is the same every epoch; each slot reads its shards in shuffled order.
-    heap = [(0, worker * world_size + rank) for worker in range(workers) for rank in range(world_size)]
-    chosen: dict[int, list[int]] = {slot: [] for _, slot in heap}
-    for position in sorted(range(len(shards)), key=lambda i: -shards[i].samples):
-        load, slot = heapq.heappop(heap)
-        chosen[slot].append(position)
-        heapq.heappush(heap, (load + shards[position].samples, slot))
-    return [[[shards[i] for i in sorted(chosen[worker * world_size + rank])] for worker in range(workers)]
-            for rank in range(world_size)]
-
-
-def _too_few_shards(index: ShardIndex, plan: EpochPlan, rank: int) -> str:
-    sizes = ", ".join(str(n) for n in plan.slot_samples[rank])
-    return (f"{len(index.shards)} shard(s) of {index.num_samples} samples cannot give every one of "
-            f"{plan.world_size} rank(s) × {plan.workers} loader worker(s) a full batch of {plan.batch_size}: "
-            f"whole shards go to one slot each, and rank {rank}'s slots hold {sizes} sample(s), 0 full batches. "
-            f"Write more, smaller shards (a lower samples_per_shard), use fewer data.loader_workers, or a "
-            f"smaller data.batch_size")
 
 
 def train_batches(shard_dir: str | Path, cfg: DataConfig, *, seed: int, epoch: int, rank: int, world_size: int,
@@ -425,23 +322,6 @@ def eval_batches(shard_dir: str | Path, cfg: DataConfig, *, batch_size: int, ran
     return _worker_batches(pipeline)
 
 
-def eval_share(index: ShardIndex, rank: int, world_size: int) -> dict[str, tuple[int, int]]:
-    """Rank `rank`'s evaluation share: {shard file: (first, end) sample positions within that shard}.
-
-    Samples [N·rank/W, N·(rank+1)/W) of the index order: shares differ in size by at most one sample, and a rank
-    may get none (more ranks than samples)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(f"rank {rank} is outside world_size {world_size}")
-    first, end = index.num_samples * rank // world_size, index.num_samples * (rank + 1) // world_size
-    share, offset = {}, 0
-    for shard in index.shards:
-        low, high = max(first, offset), min(end, offset + shard.samples)
-        if low < high:
-            share[shard.file] = (low - offset, high - offset)
-        offset += shard.samples
-    return share
-
-
 class _SamplesInShare:
     """Pipeline stage: keeps the samples whose position within their shard is inside the rank's share.
 
@@ -541,30 +421,6 @@ def _drain(iterator: Any) -> Generator[Batch, None, None]:
             shutdown()
 
 
-@dataclass
-class _WorkerState:
-    """Per-DataLoader-worker state shared by the stages of one pipeline copy."""
-
-    on_corrupt: str
-    worker: int = 0
-    corrupt: int = 0
-    rank: int = 0
-    shards: tuple[str, ...] = ()
-
-    def slot(self) -> str:
-        """This worker's slot, for messages."""
-        return f"{', '.join(self.shards)} (rank {self.rank}, loader worker {self.worker})"
-
-    def tar_error(self, error: Exception) -> bool:
-        """WebDataset handler for unreadable tar data: count and continue, or raise (no sleeping, unlike wds')."""
-        if self.on_corrupt == "raise":
-            url = next((a for a in reversed(error.args) if isinstance(a, str) and a.endswith(".tar")), "shard")
-            raise DataError(f"{url}: unreadable tar data ({type(error).__name__}: {error.args[0] if error.args else ''}"
-                            f"); set data.on_corrupt=skip to skip it") from None
-        self.corrupt += 1
-        return True
-
-
 class _SlotShards:
     """First pipeline stage: the shard files of the DataLoader worker running it, as WebDataset URLs."""
 
@@ -652,123 +508,3 @@ def _worker_id() -> int:
     return info.id if info is not None else 0
 
 
-class CorruptSample(Exception):
-    """A declared member that is missing or cannot be decoded."""
-
-
-class SampleDecoder:
-    """Decodes the declared members of one raw sample through each view's Preprocessor; a corrupt sample is
-    skipped and counted, or raises."""
-
-    def __init__(self, index: ShardIndex, preprocessors: dict[str, Preprocessor], state: _WorkerState, *,
-                 seed: int = 0, epoch: int = 0, train: bool = False) -> None:
-        self.index, self.preprocessors, self.state = index, preprocessors, state
-        self.seed, self.epoch, self.train = seed, epoch, train
-
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            return self.decode(sample)
-        except CorruptSample as error:
-            if self.state.on_corrupt == "raise":
-                raise DataError(f"{sample.get('__url__')}: sample {sample.get('__key__')}: {error}; set "
-                                f"data.on_corrupt=skip to skip corrupt samples") from None
-            self.state.corrupt += 1
-            return None  # wds.map drops None
-
-    def decode(self, sample: dict[str, Any]) -> dict[str, Any]:
-        """{"__key__", "views": {view: row}, "labels": {view: int}, "similar": float (pairs)}."""
-        if "__block__" in sample:
-            return self.decode_packed(sample["__block__"], sample["__row__"])
-        kind = self.index.kind
-        context = SampleContext(str(sample["__key__"]), self.seed, self.epoch, self.train)
-        views = {view: self.view(sample, view, spec, context) for view, spec in self.index.views.items()}
-        labels = {view: _class_id(_member(sample, cls_member(kind, view))) for view in views} \
-            if self.index.labels else {}
-        # Content ids from the members' bytes, before any augmentation: two crops of one photo are one item.
-        content = {view: content_id(sample[view_member(sample, view, spec)[0]])
-                   for view, spec in self.index.views.items()}
-        decoded = {"__key__": sample["__key__"], "views": views, "labels": labels, "content": content}
-        if kind == "pairs":
-            decoded["similar"] = _similar(_member(sample, "similar"))
-        return decoded
-
-    def decode_packed(self, block: Block, row: int) -> dict[str, Any]:
-        """`decode` of sample `row` of a packed block: the same result as its unpacked members would give."""
-        key = block.keys[row]
-        views = {view: self.packed_view(block, view, row) for view in self.index.views}
-        labels = {view: int(block.labels[view][row]) for view in views} if self.index.labels else {}
-        decoded: dict[str, Any] = {"__key__": key, "views": views, "labels": labels,
-                                   "content": {view: int(block.content[view][row]) for view in views}}
-        if block.similar is not None:
-            decoded["similar"] = float(block.similar[row])
-        return decoded
-
-    def packed_view(self, block: Block, view: str, row: int) -> Any:
-        """One view's row from a block: plain arrays straight from the block's float32 copy (what `decode_npy`
-        makes of each row), anything else through the view's Preprocessor from the bytes the row unpacks to."""
-        preprocessor, items = self.preprocessors[view], block.items[view]
-        try:
-            if type(preprocessor) is ArrayPreprocessor and not isinstance(items, list):
-                rows = block.float32(view)
-                if preprocessor.shape is not None and rows.shape[1:] != preprocessor.shape:
-                    raise ValueError(f"shape {list(rows.shape[1:])} differs from index.json {list(preprocessor.shape)}")
-                return rows[row]
-            context = SampleContext(block.keys[row], self.seed, self.epoch, self.train)
-            if isinstance(items, list):
-                return preprocessor.prepare(items[row], "txt", context)
-            return preprocessor.prepare(encode_npy(items[row]), "npy", context)
-        except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
-            raise CorruptSample(f"{view}: cannot decode ({type(error).__name__}: {error})") from None
-
-    def view(self, sample: dict[str, Any], view: str, spec: ViewSpec, context: SampleContext) -> Any:
-        """One view's row, as its Preprocessor prepares it from the member's bytes."""
-        name, ext = view_member(sample, view, spec)  # a foreign set's view may be jpg or png, sample by sample
-        data = _member(sample, name)
-        try:
-            return self.preprocessors[view].prepare(data, ext, context)
-        except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
-            raise CorruptSample(f"{name}: cannot decode ({type(error).__name__}: {error})") from None
-
-
-def _member(sample: dict[str, Any], name: str) -> bytes:
-    if name not in sample:
-        raise CorruptSample(f"member {name} is missing")
-    return sample[name]
-
-
-def _class_id(data: bytes) -> int:
-    try:
-        return int(data.decode("ascii").strip())
-    except (UnicodeDecodeError, ValueError):
-        raise CorruptSample(f"class id {data[:20]!r} is not an integer") from None
-
-
-def _similar(data: bytes) -> float:
-    flag = data.strip()
-    if flag not in (b"0", b"1"):
-        raise CorruptSample(f"similar {data[:20]!r} is not 1 or 0")
-    return float(flag == b"1")
-
-
-class BatchCollator:
-    """Stacks decoded samples into the batch schema of this module's docstring."""
-
-    def __init__(self, index: ShardIndex, preprocessors: dict[str, Preprocessor], state: _WorkerState) -> None:
-        self.index, self.preprocessors, self.state = index, preprocessors, state
-
-    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
-        views = {view: self.preprocessors[view].collate([s["views"][view] for s in samples])
-                 for view in self.index.views}
-        batch: Batch = {
-            "views": views,
-            "labels": {view: torch.tensor([s["labels"][view] for s in samples], dtype=torch.int64)
-                       for view in views if self.index.labels},
-            "content": {view: torch.tensor([s["content"][view] for s in samples], dtype=torch.int64)
-                        for view in views},
-            "keys": [s["__key__"] for s in samples],
-            "corrupt": self.state.corrupt,
-            "worker": self.state.worker,
-        }
-        if self.index.kind == "pairs":
-            batch["similar"] = torch.tensor([s["similar"] for s in samples], dtype=torch.float32)
-        return batch
