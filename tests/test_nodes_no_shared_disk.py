@@ -23,6 +23,7 @@ from faults.faultrun import final_metrics, losses
 from ray_cluster import LocalRayCluster
 
 from tests.test_remote import s3_env
+from tests.test_remote_training import remote_run
 from trainer.data import remote
 
 pytestmark = pytest.mark.slow
@@ -101,7 +102,7 @@ def test_two_nodes_share_no_path_train_checkpoint_export_resume(s3_server: str, 
                   "--set", "optim.max_steps=4", "--set", "checkpoint.every_steps=2", "--set", "dist.zero_stage=1",
                   "--set", "data.loader_workers=0", "--set", "eval.batch_size=256")
         url = "s3://no-shared-disk/runs/nodes"
-        whole = download(url, tmp_path / "whole")
+        whole = remote_run(url, tmp_path / "whole")
         # A crash after step 2's checkpoint: step 4's is never marked complete (its run_state.json is gone).
         fs.rm_file("no-shared-disk/runs/nodes/checkpoints/step_00000004/run_state.json")
         resumed = twinscale("resume", url)
@@ -111,7 +112,7 @@ def test_two_nodes_share_no_path_train_checkpoint_export_resume(s3_server: str, 
     assert not touched, touched[:3000]  # no process of either node opened or wrote a path under the driver's
 
     assert url in resumed.stdout, resumed.stdout  # the run is shown by its URL, not the driver's mirror
-    cut = download(url, tmp_path / "resumed")
+    cut = remote_run(url, tmp_path / "resumed")
     assert final_metrics(cut) == final_metrics(whole) and final_metrics(whole)["step"] == 4
     assert losses(cut) == losses(whole) and [step for step, _ in losses(whole)] == [1, 2, 3, 4]
     assert (cut / "model").is_dir() and (cut / "timeline.json").is_file()
@@ -135,16 +136,6 @@ def test_two_nodes_share_no_path_train_checkpoint_export_resume(s3_server: str, 
 def s3_environment(endpoint: str) -> dict[str, str]:
     return {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL_S3": endpoint}
-
-
-def download(url: str, into: Path) -> Path:
-    """The run as object storage holds it."""
-    fs, root = remote.filesystem(url)
-    for name in fs.find(root):
-        local = into / name[len(root):].lstrip("/")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(name, str(local))
-    return into
 
 
 def test_audit_hook_records_a_driver_path(tmp_path: Path) -> None:
