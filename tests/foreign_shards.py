@@ -15,6 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from trainer.data.scan import scan
+
 CLASSES = 8
 NOISE = ["the", "a", "photo", "of", "image", "picture", "with", "and", "some", "view", "nice", "old"]
 
@@ -57,3 +59,10 @@ def write_img2dataset_shards(directory: Path, shards: int = 4, per_shard: int = 
                 number += 1
         paths.append(path)
     return paths
+
+
+def write_scanned_set(directory: Path, shards: int = 4, per_shard: int = 40) -> Path:
+    """`write_img2dataset_shards`, then `twinscale scan`'s index.json next to the shards (what a user would do)."""
+    write_img2dataset_shards(directory, shards=shards, per_shard=per_shard)
+    scan(f"{directory}/{{00000..{shards - 1:05d}}}.tar", str(directory / "index.json"))
+    return directory

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 import traceback
 from collections.abc import Callable
@@ -20,14 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from faults.faultrun import free_port
 
 TIMEOUT = datetime.timedelta(seconds=180)  # a rank that failed early must not leave the others waiting for 30 min
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _rank_main(rank: int, world: int, port: int, backend: str, target: Callable[..., None], args: tuple,

@@ -233,8 +233,8 @@ def test_two_workers_resume_an_augmented_image_run_bitwise(shape_shards: Path, t
     """torchrun with 2 workers, random crops and flips: a run resumed from its step-10 checkpoint exports the
     same weights, bit for bit, as the uninterrupted run (augmentation depends on (seed, epoch, key) only)."""
     import shutil
-    import socket
 
+    from faults.faultrun import free_port
     from safetensors.torch import load_file
 
     recipe = tmp_path / "shapes.yaml"
@@ -244,12 +244,9 @@ def test_two_workers_resume_an_augmented_image_run_bitwise(shape_shards: Path, t
         env.pop(name, None)
 
     def run(name: str, *extra: str) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                   "-m", "trainer.train", str(recipe), "--set", f"output_dir={tmp_path / 'runs'}", "--set",
-                   f"name={name}", "--set", "dist.workers=2", "--set", "optim.epochs=10", "--set",
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), "-m", "trainer.train", str(recipe), "--set", f"output_dir={tmp_path / 'runs'}",
+                   "--set", f"name={name}", "--set", "dist.workers=2", "--set", "optim.epochs=10", "--set",
                    "checkpoint.every_steps=10", "--set", "eval.at_start=false", *extra]
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]

@@ -8,23 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from faults.faultrun import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 SETTINGS = ["--set", "optim.epochs=4", "--set", "optim.warmup_steps=4", "--set", "checkpoint.every_steps=10"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(command: list[str], cwd: Path) -> str:
@@ -45,7 +39,7 @@ LAUNCHERS = {
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_one_worker_trains_resumes_and_exports(digits_recipe: Path, launcher: str) -> None:
-    launch = [part.format(port=_free_port()) for part in LAUNCHERS[launcher]]
+    launch = [part.format(port=free_port()) for part in LAUNCHERS[launcher]]
     command = [*launch, str(digits_recipe), *SETTINGS, "--set", f"name={launcher}"]
     _run([*command, "--set", "optim.max_steps=30"], digits_recipe.parent)
     run_dir = digits_recipe.parent / "runs" / launcher

@@ -11,12 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from faults.faultrun import free_port
 
 from launch.cli import main as twinscale
-from tests.foreign_shards import CLASSES, write_img2dataset_shards
+from tests.foreign_shards import CLASSES, write_scanned_set
 from trainer.config import DataConfig
 from trainer.data import remote
-from trainer.data.scan import scan
 from trainer.data.shardsets import open_shard_set, shard_samples
 from trainer.data.stream import _DeclaredMembers, _WorkerState, eval_batches, train_batches
 from trainer.errors import DataError
@@ -44,10 +44,7 @@ def s3(s3_server: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureR
 
 @pytest.fixture(scope="module")
 def local_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("img2dataset")
-    write_img2dataset_shards(root, shards=4, per_shard=40)
-    scan(f"{root}/{{00000..00003}}.tar", str(root / "index.json"))
-    return root
+    return write_scanned_set(tmp_path_factory.mktemp("img2dataset"))
 
 
 def upload(local: Path, url: str) -> None:
@@ -249,9 +246,7 @@ def s3_with_auth() -> Iterator[str]:
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               env={**remote.os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

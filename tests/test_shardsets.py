@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main as twinscale
-from tests.foreign_shards import CLASSES, write_img2dataset_shards
+from tests.foreign_shards import CLASSES, write_img2dataset_shards, write_scanned_set
 from trainer import config
 from trainer.config import DataConfig
 from trainer.data.formats import ViewSpec
-from trainer.data.scan import count_samples, scan
+from trainer.data.scan import count_samples
 from trainer.data.shardsets import FieldMap, expand, open_shard_set, raw_members
 from trainer.data.stream import _DeclaredMembers, eval_batches, train_batches
 from trainer.engine.build import plan_run
@@ -25,10 +25,7 @@ TEXT_FIELDS = {"input": "txt", "label": "json.label"}
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 shards of 40 img2dataset-style samples, scanned (index.json next to them)."""
-    root = tmp_path_factory.mktemp("foreign")
-    write_img2dataset_shards(root, shards=4, per_shard=40)
-    scan(f"{root}/{{00000..00003}}.tar", str(root / "index.json"))
-    return root
+    return write_scanned_set(tmp_path_factory.mktemp("foreign"))
 
 
 def data_config(root: Path, **settings: object) -> DataConfig:

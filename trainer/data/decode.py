@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from trainer.data.formats import ShardIndex, ViewSpec, cls_member, view_member
+from trainer.data.formats import ShardIndex, cls_member, view_member
 from trainer.data.packed import Block
 from trainer.data.preprocess import ArrayPreprocessor, Preprocessor, SampleContext, content_id
 from trainer.data.sources import encode_npy
@@ -74,12 +74,15 @@ class SampleDecoder:
             return self.decode_packed(sample["__block__"], sample["__row__"])
         kind = self.index.kind
         context = SampleContext(str(sample["__key__"]), self.seed, self.epoch, self.train)
-        views = {view: self.view(sample, view, spec, context) for view, spec in self.index.views.items()}
+        views, content = {}, {}
+        for view, spec in self.index.views.items():
+            name, ext = view_member(sample, view, spec)  # a foreign set's view may be jpg or png, sample by sample
+            data = _member(sample, name)
+            views[view] = self.view(data, view, name, ext, context)
+            # Content ids from the member's bytes, before any augmentation: two crops of one photo are one item.
+            content[view] = content_id(data)
         labels = {view: _class_id(_member(sample, cls_member(kind, view))) for view in views} \
             if self.index.labels else {}
-        # Content ids from the members' bytes, before any augmentation: two crops of one photo are one item.
-        content = {view: content_id(sample[view_member(sample, view, spec)[0]])
-                   for view, spec in self.index.views.items()}
         decoded = {"__key__": sample["__key__"], "views": views, "labels": labels, "content": content}
         if kind == "pairs":
             decoded["similar"] = _similar(_member(sample, "similar"))
@@ -113,10 +116,8 @@ class SampleDecoder:
         except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
             raise CorruptSample(f"{view}: cannot decode ({type(error).__name__}: {error})") from None
 
-    def view(self, sample: dict[str, Any], view: str, spec: ViewSpec, context: SampleContext) -> Any:
-        """One view's row, as its Preprocessor prepares it from the member's bytes."""
-        name, ext = view_member(sample, view, spec)  # a foreign set's view may be jpg or png, sample by sample
-        data = _member(sample, name)
+    def view(self, data: bytes, view: str, name: str, ext: str, context: SampleContext) -> Any:
+        """One view's row, as its Preprocessor prepares it from the bytes of member `name`."""
         try:
             return self.preprocessors[view].prepare(data, ext, context)
         except Exception as error:  # any decoder failure means a corrupt member, never a crash of the stream
