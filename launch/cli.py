@@ -1,4 +1,5 @@
-"""The `twinscale` command line: train, resume, shards, scan, embed, mine, eval, sweep, submit, jobs.
+"""The `twinscale` command line: train, resume, shards, scan, embed, mine, eval, index, search, verify, export,
+report, sweep, submit, jobs.
 
 Heavy libraries (torch, Ray, DeepSpeed) are imported inside the commands, so `twinscale --help` is instant.
 Bad input of any kind exits with code 2 and one message naming what is wrong, before anything is started.
@@ -106,6 +107,53 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="shard set as data.test takes it: a directory or URL, or tar files (brace "
                           "pattern, glob or :: list) with a field map (default: the run's data.test)")
     _add_data_options(evaluate)
+    index = commands.add_parser("index", help="embed a corpus with a trained model and build a faiss index of it")
+    index.add_argument("model", help="a run directory or its model/ directory, or a run's URL (s3://…/runs/NAME)")
+    index.add_argument("data", help="corpus: a shard set (directory, URL, brace pattern, glob or :: list), an image "
+                       "folder root/<class>/*, a text file (one item per line) or a .jsonl file (text, key, label)")
+    index.add_argument("--out", required=True, type=Path, help="index directory to write (resumable)")
+    index.add_argument("--index", dest="index_type", choices=("flat", "ivf", "hnsw"), default="flat",
+                       help="flat: exact inner product (default); ivf or hnsw: approximate, for millions of items")
+    index.add_argument("--nlist", type=int, help="ivf: number of clusters (default: about 4·√N)")
+    index.add_argument("--nprobe", type=int, default=16, help="ivf: clusters searched per query")
+    index.add_argument("--hnsw-m", type=int, default=32, help="hnsw: neighbours per node")
+    index.add_argument("--ef-search", type=int, default=128, help="hnsw: search depth per query")
+    index.add_argument("--side", choices=("a", "b"), help="tower that embeds the corpus (default: the one whose "
+                       "modality the corpus has; b for a two-tower model whose towers read the same modality)")
+    index.add_argument("--batch-size", type=int, default=256)
+    index.add_argument("--workers", type=int, default=1, help="Ray workers embedding parts of the corpus in parallel")
+    index.add_argument("--address", help="Ray cluster for the workers (ray://HEAD:10001 or auto); default: local")
+    index.add_argument("--part-size", type=int, default=4096, help="items per part of a file or folder corpus "
+                       "(a shard set's parts are its shards); finished parts are kept, so a rerun resumes")
+    _add_data_options(index)
+
+    search = commands.add_parser("search", help="search an index with texts, image paths or a file of them")
+    search.add_argument("index_dir", type=Path, help="directory written by `twinscale index`")
+    search.add_argument("queries", nargs="*", help="texts or image paths")
+    search.add_argument("--file", type=Path, help="a file of queries, one text or image path per line")
+    search.add_argument("--k", type=int, default=10, help="results per query")
+    search.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+
+    verify = commands.add_parser("verify", help="same or different: a pair of texts or images, decided with the "
+                                 "threshold chosen on the run's held-out split")
+    verify.add_argument("model", help="a run directory (or its URL)")
+    verify.add_argument("a", help="first item: a text or an image path")
+    verify.add_argument("b", help="second item: a text or an image path")
+    verify.add_argument("--threshold", type=float, help="decide with this cosine similarity instead")
+    verify.add_argument("--json", action="store_true", help="print one JSON object")
+
+    export = commands.add_parser("export", help="export a trained model for serving (ONNX, optionally int8)")
+    export.add_argument("model", help="a run directory or its model/ directory, or a run's URL")
+    export.add_argument("--format", dest="export_format", choices=("onnx",), default="onnx")
+    export.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 model")
+    export.add_argument("--out", type=Path, help="output directory (default: RUN/onnx)")
+    export.add_argument("--opset", type=int, default=18)
+
+    report = commands.add_parser("report", help="write runs/<name>/report.html: curves, distances, ROC, map, "
+                                 "nearest-neighbour galleries and worst queries (written at the end of every run)")
+    report.add_argument("run_dir", help="a run directory (or its URL)")
+    report.add_argument("--out", type=Path, help="report file (default: RUN/report.html)")
+    report.add_argument("--data", help="held-out shard set (default: the run's data.test)")
     return parser
 
 
@@ -376,8 +424,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    from launch.index_job import cmd_index as run_index
+
+    return run_index(args)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from trainer.search import cmd_search as run_search
+
+    return run_search(args)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from trainer.search import cmd_verify as run_verify
+
+    return run_verify(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from trainer.models.onnx_export import cmd_export as run_export
+
+    return run_export(args)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from trainer.report import cmd_report as run_report
+
+    return run_report(args)
+
+
 COMMANDS = {"train": cmd_train, "resume": cmd_resume, "shards": cmd_shards, "scan": cmd_scan, "embed": cmd_embed,
-            "mine": cmd_mine, "eval": cmd_eval, "sweep": cmd_sweep, "submit": cmd_submit, "jobs": cmd_jobs}
+            "mine": cmd_mine, "eval": cmd_eval, "sweep": cmd_sweep, "submit": cmd_submit, "jobs": cmd_jobs,
+            "index": cmd_index, "search": cmd_search, "verify": cmd_verify, "export": cmd_export,
+            "report": cmd_report}
 
 
 if __name__ == "__main__":
