@@ -145,23 +145,43 @@ def _expect(spec: InputSpec, modality: str, input_path: Path) -> None:
 
 
 def _embed_images(model: EmbeddingModel, spec: InputSpec, root: Path, side: str, batch_size: int) -> Rows:
-    """An image folder through the side's exported image preprocessing (evaluation transforms: shorter-side resize
-    and centre crop, so photos of any size embed as the model saw them); exports without one take images of the
-    model's fixed size as [0, 1] pixels, as before."""
+    """An image folder through the side's exported image preprocessing (see `image_preprocessor`)."""
     source = read_image_folder(root)
+    items = [record[0] for record in source.records]
+    keys = image_keys(items, root)
+    preprocessor = image_preprocessor(model, spec, side, source.spec.shape, root)
+    embeddings = embed_images(model, preprocessor, items, keys, side, batch_size)
+    return embeddings, [int(item.label) for item in items if item.label is not None], keys
+
+
+def image_keys(items: Sequence[Item], root: Path) -> list[str]:
+    """Keys of an image folder's items: their paths below `root`."""
+    return [str(item.path.relative_to(root)) if item.path else f"{i:08d}" for i, item in enumerate(items)]
+
+
+def image_preprocessor(model: EmbeddingModel, spec: InputSpec, side: str, shape: Sequence[int] | None,
+                       where: Path) -> Preprocessor:
+    """The side's exported image preprocessing (evaluation transforms: shorter-side resize and centre crop, so
+    photos of any size embed as the model saw them); exports without one take images of the model's fixed size
+    (`shape`: the images' [C, H, W], checked when known) as [0, 1] pixels."""
     exported = dict(getattr(model, "preprocessing", None) or {})
     preprocessor = exported.get(side) or exported.get("a")
-    if preprocessor is None or preprocessor.to_dict().get("name") != "image":
-        if tuple(source.spec.shape or ())[1:] != spec.shape[1:]:
-            raise DataError(f"{root}: images are {source.spec.shape}, the model takes {spec.shape} (C,H,W)")
-        preprocessor = PixelPreprocessor((spec.shape[0], spec.shape[1], spec.shape[2]))
-    items = [record[0] for record in source.records]
-    keys = [str(item.path.relative_to(root)) if item.path else f"{i:08d}" for i, item in enumerate(items)]
+    if preprocessor is not None and preprocessor.to_dict().get("name") == "image":
+        return preprocessor
+    if shape is not None and tuple(shape)[1:] != spec.shape[1:]:
+        raise DataError(f"{where}: images are {tuple(shape)}, the model takes {spec.shape} (C,H,W)")
+    return PixelPreprocessor((spec.shape[0], spec.shape[1], spec.shape[2]))
+
+
+@torch.no_grad()
+def embed_images(model: EmbeddingModel, preprocessor: Preprocessor, items: Sequence[Item], keys: Sequence[str],
+                 side: str, batch_size: int) -> torch.Tensor:
+    """Embeddings of image items through `preprocessor` and the tower of `side`, in batches."""
     parts = []
-    for chunk, chunk_keys in zip(_chunks(items, batch_size), _chunks(keys, batch_size), strict=True):
+    for chunk, chunk_keys in zip(_chunks(list(items), batch_size), _chunks(list(keys), batch_size), strict=True):
         rows = [_prepare_image(preprocessor, item, key) for item, key in zip(chunk, chunk_keys, strict=True)]
         parts.append(model(preprocessor.collate(rows), side))
-    return torch.cat(parts), [int(item.label) for item in items if item.label is not None], keys
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
 def _prepare_image(preprocessor: Preprocessor, item: Item, key: str) -> Any:
@@ -174,16 +194,34 @@ def _prepare_image(preprocessor: Preprocessor, item: Item, key: str) -> Any:
 
 
 def _embed_lines(model: EmbeddingModel, cfg: Config, path: Path, side: str, batch_size: int) -> Rows:
-    lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = read_lines(path)
+    return embed_texts(model, cfg, lines, side, batch_size), None, [f"{i:08d}" for i in range(len(lines))]
+
+
+def read_lines(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 text file (one item each)."""
+    try:
+        lines = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read it as UTF-8 text ({error})") from None
     if not lines:
         raise DataError(f"{path}: no text lines to embed")
+    return lines
+
+
+@torch.no_grad()
+def embed_texts(model: EmbeddingModel, cfg: Config, texts: Sequence[str], side: str, batch_size: int,
+                first: int = 0) -> torch.Tensor:
+    """Embeddings of texts through the side's training preprocessing (`side_preprocessors`) and tower; `first`:
+    the position of texts[0] in its corpus (the sample key the preprocessing is seeded with)."""
     preprocessor = side_preprocessors(model, cfg).get(side) or side_preprocessors(model, cfg)["a"]
     parts = []
-    for start, chunk in enumerate(_chunks(lines, batch_size)):
-        rows = [preprocessor.prepare(text.encode("utf-8"), "txt", SampleContext(f"{start * batch_size + i:08d}"))
+    for start, chunk in enumerate(_chunks(list(texts), batch_size)):
+        offset = first + start * batch_size
+        rows = [preprocessor.prepare(text.encode("utf-8"), "txt", SampleContext(f"{offset + i:08d}"))
                 for i, text in enumerate(chunk)]
         parts.append(model(preprocessor.collate(rows), side))
-    return torch.cat(parts), None, [f"{i:08d}" for i in range(len(lines))]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
 def side_preprocessors(model: EmbeddingModel, cfg: Config) -> dict[str, Preprocessor]:
@@ -194,14 +232,15 @@ def side_preprocessors(model: EmbeddingModel, cfg: Config) -> dict[str, Preproce
     return {side: exported.get(side, hashed) for side in ("a", "b")}
 
 
-def shard_preprocessors(model: EmbeddingModel, cfg: Config, index: ShardIndex) -> dict[str, Preprocessor]:
-    """Per view of `index`: the exported preprocessing of the side that reads it where the model recorded one
-    (text views always: a tokenizer or the hashing of the run), else the toy default."""
+def shard_preprocessors(model: EmbeddingModel, cfg: Config, index: ShardIndex,
+                        only_side: str | None = None) -> dict[str, Preprocessor]:
+    """Per view of `index`: the exported preprocessing of the side that reads it (`only_side` when given) where the
+    model recorded one (text views always: a tokenizer or the hashing of the run), else the toy default."""
     exported: dict[str, Preprocessor] = dict(getattr(model, "preprocessing", None) or {})
     sides = side_preprocessors(model, cfg)
     chosen = default_preprocessors(index, cfg.data)
     for view, spec in index.views.items():
-        side = TOWER_SIDE[view]
+        side = only_side or TOWER_SIDE[view]
         if spec.ext == "txt":
             chosen[view] = sides[side]
         elif side in exported and exported[side].to_dict().get("name") not in ("hashed_text", "tokenizer"):
@@ -210,23 +249,30 @@ def shard_preprocessors(model: EmbeddingModel, cfg: Config, index: ShardIndex) -
 
 
 @torch.no_grad()
-def embed_shards(model: EmbeddingModel, cfg: Config, shard_dir: str | Path, batch_size: int) -> Rows:
+def embed_shards(model: EmbeddingModel, cfg: Config, shard_dir: str | Path, batch_size: int,
+                 part: int = 0, parts: int = 1, views: Sequence[str] | None = None,
+                 side: str | None = None) -> Rows:
     """Every view of every sample, in index order; keys are `<sample key>/<view>`.
 
-    `shard_dir`: any shard set `open_data` reads with `cfg.data` (see `shard_set_config`)."""
+    `shard_dir`: any shard set `open_data` reads with `cfg.data` (see `shard_set_config`). `part` of `parts`: one
+    contiguous run of the set's samples (`eval_batches`' shares: the parts in order are the whole set). `views`:
+    only these views (default all); `side`: the tower every view goes through (default: each view's own)."""
     index = open_data(str(shard_dir), cfg.data)
     kind = index.kind
-    parts: list[torch.Tensor] = []
+    chosen = [view for view in KIND_VIEWS[kind] if views is None or view in views]
+    parts_out: list[torch.Tensor] = []
     labels: list[int] = []
     keys: list[str] = []
-    preprocessors = shard_preprocessors(model, cfg, index)
-    for batch in eval_batches(shard_dir, cfg.data, batch_size=batch_size, preprocessors=preprocessors):
-        for view in KIND_VIEWS[kind]:
-            parts.append(model(batch["views"][view], TOWER_SIDE[view]))
+    preprocessors = shard_preprocessors(model, cfg, index, side)
+    for batch in eval_batches(shard_dir, cfg.data, batch_size=batch_size, rank=part, world_size=parts,
+                              preprocessors=preprocessors):
+        for view in chosen:
+            parts_out.append(model(batch["views"][view], side or TOWER_SIDE[view]))
             keys.extend(f"{key}/{view}" for key in batch["keys"])
             if view in batch["labels"]:
                 labels.extend(int(v) for v in batch["labels"][view])
-    return torch.cat(parts), labels if len(labels) == len(keys) else None, keys
+    embeddings = torch.cat(parts_out) if parts_out else torch.zeros(0, 0)
+    return embeddings, labels if len(labels) == len(keys) else None, keys
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
