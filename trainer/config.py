@@ -482,6 +482,19 @@ class EvalConfig(Section):
     """Samples per forward pass when embedding the held-out split."""
 
 
+class ReportConfig(Section):
+    """The run report (RUN/report.html, trainer/report/): written at the end of a run and by `twinscale report`."""
+
+    enabled: bool = True
+    """Write report.html (and its figures to W&B) at the end of the run; a failure only warns."""
+    max_map_points: int = Field(2000, ge=10, le=100_000)
+    """Held-out items (a seeded sample) drawn in the 2-D map of embeddings."""
+    gallery_queries: int = Field(4, ge=0, le=50)
+    """Queries in each nearest-neighbour gallery (a seeded choice, and as many of the worst ones)."""
+    neighbours: int = Field(5, ge=1, le=50)
+    """Neighbours shown per gallery query."""
+
+
 class Config(Section):
     """A whole run."""
 
@@ -501,6 +514,7 @@ class Config(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
     eval: EvalConfig = EvalConfig()
+    report: ReportConfig = ReportConfig()
 
     @field_validator("name")
     @classmethod

@@ -61,6 +61,24 @@ class Tracker:
             out.write(json.dumps({"step": step, **metrics}) + "\n")
         self.log({f"eval/{key}": value for key, value in metrics.items()}, step)
 
+    def log_media(self, figures: dict[str, bytes], html: str | None, step: int) -> None:
+        """The run report's figures (PNG bytes by name) as W&B images under `report/<name>`, and its page as
+        `report/page` (W&B only)."""
+        if self.wandb_run is None:
+            return
+        import io
+
+        import wandb
+        from PIL import Image
+
+        media: dict[str, Any] = {}
+        for name, png in figures.items():
+            with Image.open(io.BytesIO(png)) as image:
+                media[f"report/{name}"] = wandb.Image(image.convert("RGB"), caption=name)
+        if html is not None:
+            media["report/page"] = wandb.Html(html, inject=False)  # inject would link W&B's CSS: keep it whole
+        self.wandb_run.log(media, step=step)
+
     def finish(self, summary: dict[str, Any]) -> None:
         """Record the final summary and close W&B."""
         self.close_files()

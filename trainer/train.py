@@ -30,6 +30,7 @@ from trainer.objectives.gather import default_collective
 from trainer.objectives.memory import MemoryBank
 from trainer.objectives.objective import MetricObjective
 from trainer.progress import ConsoleProgress, Reporter, format_table, record_timeline
+from trainer.report import report_at_end
 from trainer.tracking import rewind_run_files, start_tracker
 
 
@@ -89,6 +90,8 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     write_json_atomic(run_dir / "final_metrics.json", final)
     record_timeline(run_dir, {"worker_start": started, "process_group": joined, "engine_built": engine_built,
                               **loop.timeline, "worker_end": time.time()})
+    if cfg.report.enabled:  # before publishing, so that a remote run's report.html is uploaded with the rest
+        report_at_end(run_dir, tracker, state.step)
     checkpoint.publish_outputs(run_dir)  # a remote output_dir: final metrics, model and logs to object storage
     tracker.finish(final)
     if reporter is not None:
