@@ -302,6 +302,8 @@ def check_out_dir(out: Path) -> None:
 def read_index_json(out: Path) -> dict[str, Any]:
     """index.json of an index directory, checked to be ours (UserError naming the directory otherwise)."""
     path = out / INDEX_JSON
+    if not out.is_dir():
+        raise UserError(f"{out}: no such index directory (write one with `twinscale index MODEL DATA --out DIR`)")
     if not path.is_file():
         raise UserError(f"{out}: not a twinscale index (no {INDEX_JSON}; write one with `twinscale index`)")
     try:
