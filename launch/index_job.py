@@ -90,7 +90,7 @@ def open_corpus(model_path: Path, data: str, side: str | None, part_size: int,
         if overrides:
             raise UserError(f"--set: {data} is not a shard set; data.* settings apply to shards only")
         modality = "image" if kind == "images" else "text"
-        corpus_side = idx.choose_side(document["inputs"], modality, side, data)
+        corpus_side = idx.choose_side(document, modality, side, data)
         probe = Corpus(spec, kind, modality, corpus_side, document["weights_sha256"], 0, 1)
         items = idx.read_items(probe)
         count = len(items.keys)
@@ -100,7 +100,7 @@ def open_corpus(model_path: Path, data: str, side: str | None, part_size: int,
 
     cfg = run_config(model_path, document)
     shard_index = open_data(spec, shard_set_config(cfg, spec, overrides).data)
-    views, modality, corpus_side = _shard_views(shard_index, document["inputs"], side, data)
+    views, modality, corpus_side = _shard_views(shard_index, document, side, data)
     return Corpus(spec, kind, modality, corpus_side, document["weights_sha256"], shard_index.num_samples,
                   idx.shard_parts(len(shard_index.shards)), views, tuple(overrides)), None
 
@@ -117,11 +117,12 @@ def _read_model_config(model_path: Path, name: str) -> dict[str, Any]:
     return document
 
 
-def _shard_views(shard_index: Any, inputs: dict[str, Any], side: str | None,
+def _shard_views(shard_index: Any, document: dict[str, Any], side: str | None,
                  data: str) -> tuple[tuple[str, ...], str, str]:
     """The views of a shard set to index (those of one modality), that modality and the tower reading them."""
     from trainer.index import EXT_MODALITY, choose_side
 
+    inputs = document["inputs"]
     modalities = {view: EXT_MODALITY.get(spec.ext, "vector") for view, spec in shard_index.views.items()}
     kinds = sorted(set(modalities.values()))
     if len(kinds) == 1:
@@ -130,7 +131,7 @@ def _shard_views(shard_index: Any, inputs: dict[str, Any], side: str | None,
         modality = str((inputs.get(side) or inputs["a"])["modality"])
     else:
         raise UserError(f"{data}: its views hold {' and '.join(kinds)} items; choose the tower with --side a|b")
-    chosen = choose_side(inputs, modality, side, data)
+    chosen = choose_side(document, modality, side, data)
     views = tuple(view for view, kind in modalities.items() if kind == modality)
     if not views:
         raise DataError(f"{data}: no {modality} views to index with --side {chosen}")

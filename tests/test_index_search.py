@@ -96,6 +96,41 @@ def glyphs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+TOPICS = {"sport": ["football match", "tennis player", "the team won", "a goal scored", "the runner raced"],
+          "food": ["fresh bread", "a bowl of soup", "the cook baked", "sweet apple pie", "rice and beans"],
+          "weather": ["heavy rain", "a sunny morning", "cold wind blows", "snow on the hills", "a storm came"],
+          "music": ["the band played", "a loud guitar", "piano lessons", "she sang a song", "drums and bass"]}
+TEXT_BERT = """\
+name: text
+output_dir: {root}/runs
+data: {{train: {root}/shards/train, test: {root}/shards/test, batch_size: 16}}
+model: {{encoder: hf, pretrained: {root}/bert, max_length: 16, embedding_dim: 8}}
+loss: {{name: supcon}}
+mining: {{name: none}}
+optim: {{lr: 0.01, max_steps: 8, warmup_steps: 1}}
+log: {{wandb: false}}
+eval: {{every_steps: 0}}
+"""
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Siamese tiny-BERT text model (its tokenizer exported with it) trained briefly on topic sentences."""
+    from tests.hf_models import save_tiny_bert
+
+    root = tmp_path_factory.mktemp("texts")
+    save_tiny_bert(root / "bert")
+    lines = [f"{p} {s}" for ps in TOPICS.values() for p in ps for s in ("today", "again", "at noon", "in town")]
+    labels = [label for label, ps in enumerate(TOPICS.values()) for _ in ps for _ in range(4)]
+    (root / "texts.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(lines, labels, strict=True)))
+    (root / "lines.txt").write_text("\n".join(lines) + "\n")
+    assert twinscale(["shards", str(root / "texts.csv"), "--kind", "labeled", "--out", str(root / "shards"),
+                      "--test-fraction", "0.3", "--samples-per-shard", "32"]) == 0
+    (root / "recipe.yaml").write_text(TEXT_BERT.format(root=root))
+    _train(root / "recipe.yaml")
+    return root
+
+
 def _index(model: Path, data: Path | str, out: Path, *flags: str) -> None:
     assert twinscale(["index", str(model), str(data), "--out", str(out), *flags]) == 0
 
@@ -241,6 +276,23 @@ def test_text_corpus_finds_its_own_line_first(glyphs: Path, capsys: pytest.Captu
     # An image query goes through the image tower (image → name search).
     image = sorted((glyphs / "glyphs" / "images" / "test" / "U+0041").glob("*.png"))[0]
     assert _search(capsys, out, [str(image)], k=26)[0]["results"][0]["key"].startswith("U+")
+
+
+def test_a_text_model_finds_a_line_of_its_corpus_first(texts: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = texts / "index"
+    _index(texts / "runs" / "text", texts / "lines.txt", out, "--part-size", "30")
+    document = json.loads((out / "index.json").read_text())
+    assert document["side"] == "a" and document["modality"] == "text" and document["corpus"]["parts"] == 3
+    lines = (texts / "lines.txt").read_text().splitlines()
+    queries = lines[::7]
+    for query, result in zip(queries, _search(capsys, out, queries, k=5), strict=True):
+        first = result["results"][0]
+        assert first["text"] == query and first["key"] == f"{lines.index(query):08d}" and first["score"] > 0.999
+    image = texts / "query.png"
+    from PIL import Image
+
+    Image.new("L", (8, 8)).save(image)
+    assert "reads text inputs only" in _error(capsys, ["search", str(out), str(image)])
 
 
 def test_verify_decides_held_out_pairs_at_the_held_out_threshold(digits: Path,

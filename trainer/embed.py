@@ -214,7 +214,9 @@ def embed_texts(model: EmbeddingModel, cfg: Config, texts: Sequence[str], side: 
                 first: int = 0) -> torch.Tensor:
     """Embeddings of texts through the side's training preprocessing (`side_preprocessors`) and tower; `first`:
     the position of texts[0] in its corpus (the sample key the preprocessing is seeded with)."""
-    preprocessor = side_preprocessors(model, cfg).get(side) or side_preprocessors(model, cfg)["a"]
+    sides, exported = side_preprocessors(model, cfg), getattr(model, "preprocessing", None) or {}
+    # A Siamese model trained on one side only exported that side's tokenizer: side b reads texts the same way.
+    preprocessor = sides[side] if side in exported or "a" not in exported else sides["a"]
     parts = []
     for start, chunk in enumerate(_chunks(list(texts), batch_size)):
         offset = first + start * batch_size

@@ -101,19 +101,24 @@ def corpus_kind(data: str) -> str:
     raise DataError(f"{data}: no such shard set, image folder or text file")
 
 
-def choose_side(inputs: dict[str, Any], modality: str, side: str | None, what: str) -> str:
+def choose_side(document: dict[str, Any], modality: str, side: str | None, what: str) -> str:
     """The tower that reads `modality` items: `side` when given (checked), the only one that reads it, or b when
-    both towers do (a two-tower model's document side). `inputs`: config.json's inputs."""
-    reads = [name for name in ("a", "b") if inputs.get(name) and inputs[name]["modality"] == modality]
+    both towers do (a two-tower model's document side; a Siamese model's when it was trained with a side b
+    preprocessing of its own, e.g. a passage prompt). `document`: the export's config.json."""
+    inputs = document["inputs"]
     if inputs.get("b") is None:
-        reads = ["a"] if inputs["a"]["modality"] == modality else []
+        reads = ["a", "b"] if inputs["a"]["modality"] == modality else []
+    else:
+        reads = [name for name in ("a", "b") if inputs[name]["modality"] == modality]
     if side is not None:
-        if side not in reads and not (inputs.get("b") is None and side == "b" and reads):
+        if side not in reads:
             raise DataError(f"{what}: --side {side}: that tower reads {_side_modality(inputs, side)} inputs, not "
                             f"{modality}")
         return side
     if not reads:
         raise DataError(f"{what}: {modality} items, but this model's towers read {_modalities(inputs)}")
+    if inputs.get("b") is None and "b" not in (document.get("preprocessing") or {}):
+        return "a"
     return reads[-1]
 
 
