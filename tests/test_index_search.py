@@ -239,6 +239,10 @@ def test_index_refuses_other_models_foreign_dirs_and_bad_queries(
     assert "not a twinscale index" in _error(capsys, ["search", str(tmp_path / "other"), "a"])
     assert "empty query" in _error(capsys, ["search", str(out), ""])
     assert "text query" in _error(capsys, ["search", str(out), "a three"])  # the digits CNN reads images only
+    assert "no such image file" in _error(capsys, ["search", str(out), str(tmp_path / "gone.png")])
+    document = json.loads((out / "index.json").read_text())
+    (out / "index.json").write_text(json.dumps({**document, "weights_sha256": "0" * 64}))  # the model changed since
+    assert "rebuild the index" in _error(capsys, ["search", str(out), str(next((digits / "photos").rglob("*.png")))])
     assert "--side b" in _error(capsys, ["index", str(glyphs / "runs" / "glyphs"), str(digits / "photos"),
                                          "--out", str(tmp_path / "side"), "--side", "b"])
 

@@ -6,6 +6,8 @@ shard set (every view of every sample; keys are `<sample key>/<view>`) named as 
 shard directory or its URL (`s3://bucket/digits/test`), or a WebDataset set — a brace pattern, glob or `::` list of
 tar paths or URLs read through a field map (`data.fields`: the run's, or one given with `--set data.fields=…`).
 A shard set is read as the run's data.test would be: `--set data.test_index=…` names its counts index.
+`twinscale index` (trainer/index.py) embeds a corpus part by part with the pieces below: `embed_images` and
+`embed_texts` on a slice of items, `embed_shards(part=, parts=)` on one contiguous run of a set, `read_jsonl`.
 """
 
 from __future__ import annotations
@@ -207,6 +209,47 @@ def read_lines(path: Path) -> list[str]:
     if not lines:
         raise DataError(f"{path}: no text lines to embed")
     return lines
+
+
+def read_jsonl(path: Path) -> tuple[list[str], list[str], list[int] | None, list[str] | None]:
+    """Texts, keys, labels and label names of a .jsonl file: one object per line with `text`, optional `key`
+    (default: the item's position) and `label` (integers as given; other labels numbered in sorted order, their
+    names returned)."""
+    texts: list[str] = []
+    keys: list[str] = []
+    raw_labels: list[Any] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot read it as UTF-8 JSON lines ({error})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path}:{number}: not a JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise DataError(f"{path}:{number}: expected an object with a \"text\" string")
+        texts.append(row["text"])
+        keys.append(str(row.get("key", f"{len(keys):08d}")))
+        raw_labels.append(row.get("label"))
+    if not texts:
+        raise DataError(f"{path}: no JSON lines to embed")
+    labels, names = _label_ids(raw_labels, path)
+    return texts, keys, labels, names
+
+
+def _label_ids(raw: list[Any], path: Path) -> tuple[list[int] | None, list[str] | None]:
+    if all(label is None for label in raw):
+        return None, None
+    if any(label is None for label in raw):
+        raise DataError(f"{path}: some lines have a \"label\" and some do not; give every line one or none")
+    if all(isinstance(label, int) and not isinstance(label, bool) for label in raw):
+        return [int(label) for label in raw], None
+    names = sorted({str(label) for label in raw})
+    position = {name: i for i, name in enumerate(names)}
+    return [position[str(label)] for label in raw], names
 
 
 @torch.no_grad()

@@ -33,6 +33,8 @@ PARTS_DIR = "parts"
 OWN_ENTRIES = {INDEX_JSON, FAISS_FILE, ITEMS_FILE, PARTS_DIR}
 EXT_MODALITY = {"png": "image", "jpg": "image", "webp": "image", "txt": "text", "npy": "vector"}
 TRAIN_SAMPLE_SEED = 0
+PROVENANCE_NAMES = {"weights_sha256": "model", "data": "corpus", "side": "--side", "parts": "--part-size",
+                    "count": "corpus size", "views": "set of views", "overrides": "--set", "kind": "corpus kind"}
 
 
 @dataclass(frozen=True)
@@ -143,51 +145,14 @@ def read_items(corpus: Corpus) -> CorpusItems:
                            [int(item.label or 0) for item in items], paths=[str(item.path) for item in items],
                            label_names=classes)
     if corpus.kind == "jsonl":
-        return read_jsonl(path)
+        from trainer.embed import read_jsonl
+
+        texts, keys, labels, names = read_jsonl(path)
+        return CorpusItems(keys, labels, texts=texts, label_names=names)
     from trainer.embed import read_lines
 
     lines = read_lines(path)
     return CorpusItems([f"{i:08d}" for i in range(len(lines))], texts=lines)
-
-
-def read_jsonl(path: Path) -> CorpusItems:
-    """A .jsonl corpus: one object per line with `text`, optional `key` (default: the line number) and `label`
-    (integers as given; any other labels numbered in sorted order, their names kept)."""
-    texts: list[str] = []
-    keys: list[str] = []
-    raw_labels: list[Any] = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"{path}: cannot read it as UTF-8 JSON lines ({error})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise DataError(f"{path}:{number}: not a JSON object") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise DataError(f"{path}:{number}: expected an object with a \"text\" string")
-        texts.append(row["text"])
-        keys.append(str(row.get("key", f"{len(keys):08d}")))
-        raw_labels.append(row.get("label"))
-    if not texts:
-        raise DataError(f"{path}: no JSON lines to embed")
-    labels, names = _label_ids(raw_labels, path)
-    return CorpusItems(keys, labels, texts=texts, label_names=names)
-
-
-def _label_ids(raw: list[Any], path: Path) -> tuple[list[int] | None, list[str] | None]:
-    if all(label is None for label in raw):
-        return None, None
-    if any(label is None for label in raw):
-        raise DataError(f"{path}: some lines have a \"label\" and some do not; give every line one or none")
-    if all(isinstance(label, int) and not isinstance(label, bool) for label in raw):
-        return [int(label) for label in raw], None
-    names = sorted({str(label) for label in raw})
-    position = {name: i for i, name in enumerate(names)}
-    return [position[str(label)] for label in raw], names
 
 
 def part_jobs(model: str, corpus: Corpus, items: CorpusItems | None, part_size: int, batch_size: int,
@@ -282,9 +247,10 @@ def finished_parts(out: Path, corpus: Corpus) -> set[int]:
         with np.load(path, allow_pickle=False) as arrays:
             recorded = json.loads(str(arrays["meta"]))
         if recorded != expected:
-            changed = sorted(key for key in expected if recorded.get(key) != expected[key])
-            raise UserError(f"{out}: its parts were embedded from another {', '.join(changed)} than this run's; "
-                            f"give a new --out or delete {out}")
+            changed = ", ".join(f"{PROVENANCE_NAMES.get(key, key)} ({key})" for key in expected
+                                if recorded.get(key) != expected[key])
+            raise UserError(f"{out}: its parts were embedded with another {changed} than this command's; give a "
+                            f"new --out or delete {out}")
         found.add(int(path.stem.split("-")[1]))
     return found
 

@@ -115,13 +115,22 @@ class Searcher:
             rows = [i for i, query in enumerate(queries) if query_modality(query) == modality]
             if not rows:
                 continue
-            side = query_side(self.encoder.inputs, modality, self.document["side"])
+            side = self._side([queries[i] for i in rows], modality)
             vectors = self.encoder.embed([queries[i] for i in rows], side)
             scores, ids = self.index.search(np.ascontiguousarray(vectors), min(k, self.document["count"]))
             for row, row_scores, row_ids in zip(rows, scores, ids, strict=True):
                 results[row] = [self._hit(rank, int(i), float(s))
                                 for rank, (s, i) in enumerate(zip(row_scores, row_ids, strict=True), 1) if i >= 0]
         return results
+
+    def _side(self, queries: Sequence[str], modality: str) -> str:
+        try:
+            return query_side(self.encoder.inputs, modality, self.document["side"])
+        except DataError:
+            missing = [query for query in queries if query.lower().endswith(IMAGE_EXTENSIONS)]
+            if missing:  # meant as an image path, most likely
+                raise DataError(f"{missing[0]}: no such image file") from None
+            raise
 
     def _hit(self, rank: int, row: int, score: float) -> Hit:
         label = None
