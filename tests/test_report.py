@@ -125,7 +125,8 @@ def _train(recipe: Path, name: str, *settings: str, wandb: bool = False) -> Path
     for variable in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "WANDB_API_KEY"):
         env.pop(variable, None)
     command = [sys.executable, "-m", "trainer.train", str(recipe), "--set", f"name={name}",
-               "--set", f"log.wandb={str(wandb).lower()}", *[part for s in settings for part in ("--set", s)]]
+               "--set", f"log.wandb={str(wandb).lower()}", "--set", "report.enabled=true",
+               *[part for s in settings for part in ("--set", s)]]
     done = subprocess.run(command, cwd=recipe.parent, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "warning: run report" not in done.stderr, done.stderr[-2000:]

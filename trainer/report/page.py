@@ -44,6 +44,8 @@ window.addEventListener('load', function () {
 });
 """
 
+CLASS_ROWS = 25
+"""Rows of each end of the per-class table when there are many classes."""
 TITLES = {"loss": "training loss and learning rate", "metrics": "evaluation metrics over steps",
           "distances": "similarity of positive and negative pairs", "roc": "ROC curve", "map": "embedding map"}
 
@@ -114,8 +116,12 @@ def _class_table(report: ReportData) -> str:
         reason = report.heldout.missing.get("heldout") or report.heldout.missing.get("per_class", "")
         return _missing(f"No per-class table: {reason}")
     ordered = sorted(rows, key=lambda row: (row.precision_at_1, row.label))  # worst classes first
-    return _table(["class", "queries", "precision@1"], [[r.label, r.queries, r.precision_at_1] for r in ordered],
-                  "per-class")
+    note = ""
+    if len(ordered) > 2 * CLASS_ROWS:  # thousands of classes: the worst and the best say what matters
+        note = f"<p>{len(ordered)} classes: the {CLASS_ROWS} worst and the {CLASS_ROWS} best.</p>\n"
+        ordered = ordered[:CLASS_ROWS] + ordered[-CLASS_ROWS:]
+    return note + _table(["class", "queries", "precision@1"],
+                         [[r.label, r.queries, r.precision_at_1] for r in ordered], "per-class")
 
 
 def _gallery(gallery: Gallery) -> str:
