@@ -27,7 +27,7 @@ from launch.cli import main as twinscale
 from trainer import config
 from trainer.report import REPORT_FILE, report_at_end, write_report
 from trainer.report.collect import collect
-from trainer.report.items import image_thumbnail
+from trainer.report.items import image_thumbnail, raw_samples
 from trainer.report.neighbours import has_partner, nearest, per_class_precision, worst_queries
 
 REPO = Path(__file__).resolve().parent.parent
@@ -110,6 +110,18 @@ def test_thumbnail_is_a_small_png() -> None:
     with Image.open(io.BytesIO(image_thumbnail(out.getvalue()))) as thumbnail:
         assert thumbnail.format == "PNG" and thumbnail.size == (96, 48)
         assert thumbnail.convert("RGB").getpixel((40, 20))[0] > 150
+
+
+def test_raw_samples_are_in_evaluation_order(digits_recipe: Path) -> None:
+    from trainer.data.shardsets import open_data
+    from trainer.data.stream import eval_batches
+
+    cfg = config.load(digits_recipe)
+    assert cfg.data.test is not None
+    keys = [key for batch in eval_batches(cfg.data.test, cfg.data, batch_size=256) for key in batch["keys"]]
+    wanted = [0, 127, 128, 300, len(keys) - 1]  # shard ends and starts (128 samples per shard), the last one
+    raw = raw_samples(open_data(cfg.data.test, cfg.data), wanted)
+    assert {p: raw[p]["__key__"] for p in wanted} == {p: keys[p] for p in wanted}
 
 
 def test_a_failing_report_only_warns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

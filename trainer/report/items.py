@@ -2,7 +2,7 @@
 the text of a text item, read from the raw tar members of just those samples (nothing else is decoded).
 
 Samples are counted in index order, as `eval_batches` yields them with one rank, so sample i here is row i of
-`embed_split`'s embeddings; the pass stops after the last wanted sample.
+`embed_split`'s embeddings.
 """
 
 from __future__ import annotations
@@ -32,22 +32,29 @@ class Preview:
 
 
 def raw_samples(index: ShardIndex, wanted: Iterable[int]) -> dict[int, dict[str, Any]]:
-    """The raw members of the samples at positions `wanted` (index order) of a shard set; packed sets: none."""
+    """The raw members of the samples at positions `wanted` (index order) of a shard set; packed sets: none.
+
+    Only the shards holding a wanted sample are opened (their sample counts in the index say which), each read up
+    to its last wanted sample."""
     from trainer.data.shardsets import shard_samples
 
-    positions = set(wanted)
+    positions = sorted(set(wanted))
     if not positions or index.pack > 1:
         return {}
     members = index.members()
     stage = shard_samples(_reraise, lambda name: name.rsplit("/", 1)[-1].partition(".")[2].lower() in members,
                           index.fields)
     found: dict[int, dict[str, Any]] = {}
-    last = max(positions)
-    for position, sample in enumerate(stage(iter([{"url": index.url(s.file)} for s in index.shards]))):
-        if position in positions:
-            found[position] = sample
-        if position >= last:
-            break
+    start = 0
+    for shard in index.shards:
+        mine = [p - start for p in positions if start <= p < start + shard.samples]
+        if mine:
+            for offset, sample in enumerate(stage(iter([{"url": index.url(shard.file)}]))):
+                if offset in mine:
+                    found[start + offset] = sample
+                if offset >= mine[-1]:
+                    break
+        start += shard.samples
     return found
 
 
