@@ -103,6 +103,10 @@ class Searcher:
             raise UserError(f"{index_dir}: indexed with other weights than {self.document['model']} holds now; "
                             f"rebuild the index with `twinscale index`")
         self.index = faiss.read_index(str(index_dir / FAISS_FILE))
+        space = faiss.ParameterSpace()
+        for name, parameter in (("nprobe", "nprobe"), ("ef_search", "efSearch")):
+            if name in self.document["index"]:  # as recorded in index.json (what `twinscale index` was asked for)
+                space.set_index_parameter(self.index, parameter, int(self.document["index"][name]))
         with np.load(index_dir / ITEMS_FILE, allow_pickle=False) as items:
             self.items = {name: items[name] for name in items.files}
 
@@ -128,7 +132,7 @@ class Searcher:
             return query_side(self.encoder.inputs, modality, self.document["side"])
         except DataError:
             missing = [query for query in queries if query.lower().endswith(IMAGE_EXTENSIONS)]
-            if missing:  # meant as an image path, most likely
+            if modality == "text" and missing:  # read as a text, meant as an image path
                 raise DataError(f"{missing[0]}: no such image file") from None
             raise
 
