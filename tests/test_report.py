@@ -269,6 +269,22 @@ def test_text_pair_run_shows_texts(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_triplet_run_marks_neighbours_by_class(tmp_path: Path) -> None:
+    assert twinscale(["shards", "digits", "--kind", "triplets", "--out", str(tmp_path / "triplets"),
+                      "--test-fraction", "0.3", "--samples-per-shard", "256"]) == 0
+    recipe = tmp_path / "triplets.yaml"
+    recipe.write_text(f"data: {{train: {tmp_path}/triplets/train, test: {tmp_path}/triplets/test, batch_size: 64}}\n"
+                      "model: {encoder: mlp, hidden_dims: [64], embedding_dim: 16}\n"
+                      "loss: {name: triplet}\nmining: {name: none}\noptim: {max_steps: 10}\n")
+    report = collect(_train(recipe, "triplets"))
+    assert report.heldout.pairs is not None  # (anchor, positive) and (anchor, negative) pairs
+    assert [row.label for row in report.heldout.per_class] == list(range(10))  # anchors' classes
+    for gallery in report.heldout.galleries:
+        for row in gallery.rows:  # an anchor queries positives; right ones are of its class
+            assert all(right == (item.label == row.query.label) for item, _, right in row.neighbours)
+
+
+@pytest.mark.slow
 def test_report_command(digits_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "again.html"
     assert twinscale(["report", str(digits_run), "--out", str(out)]) == 0

@@ -4,8 +4,9 @@ per class.
 
 Queries and documents by split kind: labeled — every item queries the others (right: same label); pairs — side-a
 items query side-b items (right: the pair's own document, or one with equal content, for a similar pair);
-triplets — anchors query positives (right: the triplet's own positive). One faiss search of k neighbours per
-query (trainer/report/neighbours.py); memory O(N·D + N·k), never N×N.
+triplets — anchors query positives (right: one of the anchor's class when the split has class ids, else the
+triplet's own positive). One faiss search of k neighbours per query (trainer/report/neighbours.py); memory
+O(N·D + N·k), never N×N.
 """
 
 from __future__ import annotations
@@ -91,11 +92,11 @@ def analyse(share: EmbeddedShare, index: ShardIndex, settings: ReportConfig, see
     search = search_split(share, settings.neighbours)
     result.galleries = galleries(share, index, search, settings, seed)
     query_view = SIDES[share.kind][0]
-    if share.kind == "labeled" and query_view in share.labels and search.right is not None:
+    if share.kind != "pairs" and query_view in share.labels and search.right is not None:
         labels = share.labels[query_view].numpy()
         result.per_class = per_class_precision(labels, search.right[:, 0], search.eligible)
     else:
-        result.missing["per_class"] = "precision@1 per class needs a labeled split with class ids"
+        result.missing["per_class"] = "precision@1 per class needs class ids (a labeled or triplet split with them)"
     return result
 
 
@@ -116,6 +117,9 @@ def search_split(share: EmbeddedShare, k: int) -> Search:
         content = share.content.get(doc_view)
         same = found.ids == own if content is None else content.numpy()[found.ids] == content.numpy()[:, None]
         return Search(found, same & similar[:, None], similar)
+    if query_view in share.labels and doc_view in share.labels:  # triplets with class ids: any positive of its class
+        labels = share.labels[query_view].numpy()
+        return Search(found, share.labels[doc_view].numpy()[found.ids] == labels[:, None], np.ones(len(queries), bool))
     return Search(found, found.ids == own, np.ones(len(queries), bool))
 
 
