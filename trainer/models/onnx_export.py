@@ -74,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"exported {model_dir} to {result.out} ({result.config['exporter']} exporter, "
           f"opset {result.config['opset']})")
     for name in result.files:
-        print(f"  {name:32s} {_size(result.out / name) / 2**20:9.2f} MiB")
+        print(f"  {name:32s} {_human_size(_size(result.out / name)):>10s}")
     return 0
 
 
@@ -150,6 +150,10 @@ def _size(path: Path) -> int:
     if path.is_dir():
         return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
     return path.stat().st_size
+
+
+def _human_size(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB"
 
 
 def _local_path(model: str) -> Path:
