@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", dest="export_format", choices=("onnx",), default="onnx")
     export.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 model")
     export.add_argument("--out", type=Path, help="output directory (default: RUN/onnx)")
-    export.add_argument("--opset", type=int, default=18)
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset, 17–23 (default 18)")
 
     report = commands.add_parser("report", help="write runs/<name>/report.html: curves, distances, ROC, map, "
                                  "nearest-neighbour galleries and worst queries (written at the end of every run)")

@@ -15,6 +15,7 @@ model: {{encoder: mlp, hidden_dims: [64], embedding_dim: 16}}
 loss: {{name: supcon}}
 mining: {{name: none}}
 log: {{wandb: false}}
+report: {{enabled: false}}
 """
 
 

@@ -46,7 +46,7 @@ def run(cfg: Config, reporter: Reporter | None = None, resume: bool = False) -> 
     torch.set_num_threads(cfg.dist.cpus_per_worker)
     set_search_threads(cfg.dist.cpus_per_worker)
     device = resolve_device(cfg)
-    plan = plan_run(cfg, world)
+    plan = plan_run(cfg, world, check_model=False)  # the model is built, and so checked, once: below
     engine = build_engine(build_run_model(cfg, plan), cfg, world, plan.total_steps, device)
     engine_built = time.time()
     memory = MemoryBank(cfg.mining.memory_size, cfg.mining.memory_start_step) if cfg.mining.memory_size else None

@@ -1,10 +1,12 @@
 """Verification pairs of a held-out split: each pair's cosine similarity and whether it is a same pair, and the
 threshold chosen on them — what `twinscale verify` decides with and what the run report draws (ROC, histograms).
 
-Pairs come from the split's own kind: a pair split's (a, b) pairs with their similar flags; a triplet split's
-(anchor, positive) as same and (anchor, negative) as different pairs; a labeled split's items sampled into at
-most `max_pairs` same-class and as many different-class pairs (seeded, so the same split gives the same pairs),
-never the N×N matrix of all pairs. Plain functions of an `EmbeddedShare` (one process's whole split).
+Pairs come from the split's own kind:
+- a pair split's (a, b) pairs with their similar flags; when all of them are similar (image–caption sets), also
+  as many different pairs: one pair's a with another pair's b, of other content on both sides;
+- a triplet split's (anchor, positive) as same and (anchor, negative) as different pairs;
+- a labeled split's items sampled into at most `max_pairs` same-class and as many different-class pairs.
+Sampling is seeded (the same split gives the same pairs) and never builds the N×N matrix of all pairs. Plain functions of an `EmbeddedShare` (one process's whole split).
 """
 
 from __future__ import annotations
@@ -39,8 +41,7 @@ def heldout_pairs(share: EmbeddedShare, max_pairs: int = MAX_PAIRS, seed: int = 
     """The verification pairs of an embedded split (None when it has none: a labeled split with fewer than two
     classes, or no class with two items)."""
     if share.kind == "pairs":
-        assert share.similar is not None
-        scores, same = cosine_scores(share.embeddings["a"], share.embeddings["b"]), share.similar.numpy() > 0.5
+        scores, same = _pair_scores(share, max_pairs, seed)
     elif share.kind == "triplets":
         anchor = share.embeddings["anchor"]
         positive = cosine_scores(anchor, share.embeddings["positive"])
@@ -60,6 +61,26 @@ def heldout_pairs(share: EmbeddedShare, max_pairs: int = MAX_PAIRS, seed: int = 
         return None
     accuracy, threshold = best_threshold_accuracy(scores, same)
     return VerificationPairs(scores, same, threshold, accuracy)
+
+
+def _pair_scores(share: EmbeddedShare, max_pairs: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A pair split's own pairs; when none is dissimilar (image–caption sets: every pair is a match), as many
+    different pairs again of one item's a with another item's b, both of other content (a query and a document
+    that no pair of the split links), drawn with the seed."""
+    assert share.similar is not None
+    scores, same = cosine_scores(share.embeddings["a"], share.embeddings["b"]), share.similar.numpy() > 0.5
+    if not same.all() or len(same) < 2 or not share.content:
+        return scores, same
+    content_a, content_b = share.content["a"].numpy(), share.content["b"].numpy()
+    rng = np.random.default_rng(seed)
+    count = min(len(same), max_pairs)
+    first = rng.integers(0, len(same), size=4 * count)
+    second = rng.integers(0, len(same), size=4 * count)
+    keep = (content_a[first] != content_a[second]) & (content_b[first] != content_b[second])
+    first, second = first[keep][:count], second[keep][:count]
+    different = cosine_scores(share.embeddings["a"][torch.from_numpy(first)],
+                              share.embeddings["b"][torch.from_numpy(second)])
+    return np.concatenate([scores, different]), np.concatenate([same, np.zeros(len(first), bool)])
 
 
 def sample_label_pairs(labels: np.ndarray, max_pairs: int, seed: int = 0

@@ -47,8 +47,11 @@ def input_spec(index: ShardIndex, view: str, text_buckets: int,
     return InputSpec("image", tuple(fmt.shape or ()))
 
 
-def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
-    """Validate the config against the shards and compute the run's length."""
+def plan_run(cfg: Config, world_size: int | None = None, check_model: bool = True) -> RunPlan:
+    """Validate the config against the shards and compute the run's length.
+
+    `check_model` builds the model once to validate it (the driver); a worker, which builds it next anyway, passes
+    False so that pretrained weights are not loaded twice."""
     world = world_size or cfg.dist.workers
     index = open_data(cfg.data.train, cfg.data, train=True)
     views = KIND_VIEWS[index.kind]
@@ -72,9 +75,10 @@ def plan_run(cfg: Config, world_size: int | None = None) -> RunPlan:
     total = sum(per_epoch)
     if cfg.optim.max_steps is not None:
         total = min(total, cfg.optim.max_steps)
-    # Raises ConfigError for an encoder/modality mismatch, a pretrained model that cannot load, or a
-    # model.freeze / optim.lr_groups pattern that matches no parameter.
-    param_groups(build_model(cfg.model, spec_a, spec_b), cfg.optim.lr, cfg.optim.lr_groups)
+    if check_model:
+        # Raises ConfigError for an encoder/modality mismatch, a pretrained model that cannot load, or a
+        # model.freeze / optim.lr_groups pattern that matches no parameter.
+        param_groups(build_model(cfg.model, spec_a, spec_b), cfg.optim.lr, cfg.optim.lr_groups)
     return RunPlan(index.kind, spec_a, spec_b, total, per_epoch[0], preprocessors)
 
 
