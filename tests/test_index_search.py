@@ -6,11 +6,11 @@ image–text model on glyphs ↔ their Unicode names (DejaVu faces), each traine
 from __future__ import annotations
 
 import json
-import unicodedata
 import os
 import subprocess
 import sys
 import tarfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np

@@ -6,7 +6,8 @@ Pairs come from the split's own kind:
   as many different pairs: one pair's a with another pair's b, of other content on both sides;
 - a triplet split's (anchor, positive) as same and (anchor, negative) as different pairs;
 - a labeled split's items sampled into at most `max_pairs` same-class and as many different-class pairs.
-Sampling is seeded (the same split gives the same pairs) and never builds the N×N matrix of all pairs. Plain functions of an `EmbeddedShare` (one process's whole split).
+Sampling is seeded (the same split gives the same pairs) and never builds the N×N matrix of all pairs.
+Plain functions of an `EmbeddedShare` (one process's whole split).
 """
 
 from __future__ import annotations
