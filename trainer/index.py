@@ -377,6 +377,9 @@ def write_index(out: Path, corpus: Corpus, settings: IndexSettings, model: str,
     import faiss
 
     columns = read_parts(out, corpus.parts)
+    # An index being rebuilt (another --index) is no index until its index.json is back: no old index.json may
+    # describe a new index.faiss if this is interrupted between the files.
+    (out / INDEX_JSON).unlink(missing_ok=True)
     embeddings = np.ascontiguousarray(columns.pop("embeddings", np.zeros((0, 0), np.float32)), dtype=np.float32)
     if len(embeddings) == 0:
         raise DataError(f"{corpus.data}: the corpus has no items to index")
