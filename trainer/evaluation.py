@@ -103,20 +103,28 @@ class CosineIndex:
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
         """The k nearest items [Q, k] of each query vector (L2-normalised here), nearest first."""
+        return self.search_scored(queries, k)[1]
+
+    def search_scored(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`search` with the cosine similarity of each neighbour: (scores [Q, k] float32, items [Q, k])."""
         vectors = F.normalize(queries.detach().to("cpu", torch.float32), dim=1).contiguous().numpy()
-        _, found = self.index.search(vectors, k)
-        return torch.as_tensor(found)
+        scores, found = self.index.search(vectors, k)
+        return torch.as_tensor(scores), torch.as_tensor(found)
 
     def others(self, block: range, k: int) -> torch.Tensor:
-        """The k nearest other items [len(block), k] of the items in `block`, nearest first.
+        """The k nearest other items [len(block), k] of the items in `block`, nearest first."""
+        return self.others_scored(block, k)[1]
+
+    def others_scored(self, block: range, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`others` with the cosine similarity of each neighbour: (scores [B, k] float32, items [B, k]).
 
         k + 1 are searched and the query itself removed (or the farthest, where an exact duplicate pushed the
         query out of its own k + 1)."""
-        _, found = self.index.search(self.vectors[block.start : block.stop], k + 1)
-        neighbours = torch.as_tensor(found)
+        scores, found = self.index.search(self.vectors[block.start : block.stop], k + 1)
+        neighbours, similarity = torch.as_tensor(found), torch.as_tensor(scores)
         keep = neighbours != torch.arange(block.start, block.stop)[:, None]
         keep[keep.all(dim=1), -1] = False
-        return neighbours[keep].view(len(block), k)
+        return similarity[keep].view(len(block), k), neighbours[keep].view(len(block), k)
 
 
 def _block_scores(index: CosineIndex | None, dense: torch.Tensor, counts: torch.Tensor, block: range, k: int,

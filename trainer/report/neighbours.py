@@ -15,13 +15,6 @@ QUERY_BLOCK = 4096
 """Queries searched at once: bounds the neighbour arrays held besides the results."""
 
 
-def unit_rows(vectors: np.ndarray) -> np.ndarray:
-    """Float32 rows scaled to unit length (zero rows stay zero), contiguous for faiss."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
 @dataclass(frozen=True)
 class Neighbours:
     """Each query's k nearest documents, nearest first: cosine similarities and document positions [Q, k]."""
@@ -31,34 +24,30 @@ class Neighbours:
 
 
 def nearest(documents: np.ndarray, queries: np.ndarray, k: int, *, same_items: bool = False) -> Neighbours:
-    """The k nearest `documents` of each of `queries` by cosine similarity (faiss flat inner product).
+    """The k nearest `documents` of each of `queries` by cosine similarity (evaluation's `CosineIndex`: a faiss
+    flat inner-product index), a block of queries at a time.
 
     `same_items`: the queries are the documents themselves (query i is document i); each query's own entry is
     left out (or, where an exact duplicate pushed it out of the k + 1 found, the farthest one)."""
-    import faiss
+    import torch
 
-    documents, queries = unit_rows(documents), unit_rows(queries)
-    k = min(k, len(documents) - (1 if same_items else 0))
-    index = faiss.IndexFlatIP(documents.shape[1])
-    index.add(documents)
+    from trainer.evaluation import CosineIndex
+
+    k = max(0, min(k, len(documents) - (1 if same_items else 0)))
+    if len(queries) == 0 or k == 0:
+        return Neighbours(np.zeros((len(queries), k), np.float32), np.zeros((len(queries), k), np.int64))
+    index = CosineIndex(torch.from_numpy(np.ascontiguousarray(documents, dtype=np.float32)))
     scores, ids = [], []
     for start in range(0, len(queries), QUERY_BLOCK):
-        block = queries[start : start + QUERY_BLOCK]
-        found_scores, found = index.search(block, k + (1 if same_items else 0))
+        block = range(start, min(start + QUERY_BLOCK, len(queries)))
         if same_items:
-            found_scores, found = _drop_self(found_scores, found, start)
-        scores.append(found_scores)
-        ids.append(found)
-    empty = np.zeros((0, max(k, 0)))
-    return Neighbours(np.concatenate(scores) if scores else empty.astype(np.float32),
-                      np.concatenate(ids) if ids else empty.astype(np.int64))
-
-
-def _drop_self(scores: np.ndarray, found: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
-    keep = found != np.arange(start, start + len(found))[:, None]
-    keep[keep.all(axis=1), -1] = False
-    rows = len(found)
-    return scores[keep].reshape(rows, -1), found[keep].reshape(rows, -1)
+            found_scores, found = index.others_scored(block, k)
+        else:
+            found_scores, found = index.search_scored(torch.from_numpy(np.ascontiguousarray(
+                queries[block.start : block.stop], dtype=np.float32)), k)
+        scores.append(found_scores.numpy())
+        ids.append(found.numpy())
+    return Neighbours(np.concatenate(scores), np.concatenate(ids))
 
 
 def worst_queries(top_scores: np.ndarray, top_right: np.ndarray, eligible: np.ndarray, count: int) -> np.ndarray:
