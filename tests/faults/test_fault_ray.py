@@ -38,15 +38,18 @@ def ray_env(tmp_path: Path) -> Iterator[dict[str, str]]:
 
 
 def train_workers(driver: int) -> list[psutil.Process]:
-    """The Ray Train worker processes of a driver's local Ray (not their forked DataLoader workers)."""
-    def is_worker(process: psutil.Process | None) -> bool:
+    """The Ray Train worker processes of a driver's local Ray (not their forked DataLoader workers).
+
+    Ray retitles a worker while it runs a method (`ray::RayTrainWorker.<method>`), and a loader worker forked from
+    it keeps the title of its fork; torch names loader workers `pt_data_worker`, which tells them apart."""
+    def is_worker(process: psutil.Process) -> bool:
         try:
-            return process is not None and process.cmdline()[:1] == ["ray::RayTrainWorker"]
-        except psutil.NoSuchProcess:
+            title = process.cmdline()[:1]
+            return bool(title) and title[0].startswith("ray::RayTrainWorker") and process.name() != "pt_data_worker"
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
             return False
 
-    return [child for child in psutil.Process(driver).children(recursive=True)
-            if is_worker(child) and not is_worker(child.parent())]
+    return [child for child in psutil.Process(driver).children(recursive=True) if is_worker(child)]
 
 
 def test_driver_sigterm_reaches_the_ray_workers(recipe: Path, reference: Path, ray_env: dict[str, str]) -> None:
