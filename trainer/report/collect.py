@@ -14,9 +14,8 @@ from typing import Any
 from trainer.config import Config
 from trainer.errors import CheckpointError, UserError
 from trainer.report.heldout import HeldOutFigures
+from trainer.tracking import METRICS_FILE, STEPS_FILE
 
-STEPS_FILE = "train_loss.jsonl"
-METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final_metrics.json"
 
 
