@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from trainer.data.formats import IMAGE_EXTS, ShardIndex, view_member
+from trainer.data.preprocess import decode_npy
 
 THUMBNAIL_PX = 96
 TEXT_CHARS = 300
@@ -101,7 +102,7 @@ def image_thumbnail(raw: bytes) -> bytes:
 def _array_preview(raw: bytes) -> dict[str, Any]:
     """An .npy member: a grey image when it has an image's shape ([H, W], [C, H, W] or a square vector such as
     digits' 64 pixels), else a line giving its shape."""
-    array = np.load(io.BytesIO(raw), allow_pickle=False)
+    array = decode_npy(raw)  # the stream's own decoder: numeric arrays only, never a pickle
     grid = _as_grid(array)
     if grid is None:
         return {"text": f"array {list(array.shape)} {array.dtype}"}
